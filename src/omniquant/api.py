@@ -1,0 +1,266 @@
+"""The public functions: `quantize`, `evaluate`, `load`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omniquant import __version__
+from omniquant.calibrate import BlockReport, Runtime, StateStore, calibrate_blocks
+from omniquant.capture import capture_block_inputs
+from omniquant.config import OmniQuantConfig
+from omniquant.data import bos_token_id, calibration_windows, eval_windows, load_text, tokenize_text
+from omniquant.errors import ConfigError, ModelError, OutputError
+from omniquant.eval.perplexity import perplexity
+from omniquant.model_io import load_model, save_model
+from omniquant.models import block_linears, decoder_layers, get_architecture, get_module
+from omniquant.quant.lwc import LWC
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "omniquant.json"
+EVAL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class QuantizeResult:
+    """The quantized model (fake-quantized weights, in memory) and what happened."""
+
+    model: nn.Module
+    tokenizer: Any
+    report: dict[str, Any]
+    output: Path | None
+
+
+def runtime_for(device: str, dtype: str = "auto", progress: bool = True) -> Runtime:
+    """Device and autocast choice: 'auto' is float32 on the CPU and bf16 autocast on CUDA."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was asked but no CUDA device is available; use --device cpu"
+        )
+    if dtype == "auto":
+        autocast = torch.bfloat16 if dev.type == "cuda" else None
+    elif dtype in DTYPES:
+        autocast = None if dtype == "float32" else DTYPES[dtype]
+    else:
+        raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return Runtime(device=dev, autocast_dtype=autocast, progress=progress)
+
+
+def _check_supported(config: OmniQuantConfig) -> None:
+    if config.act.enabled:
+        raise ConfigError(
+            "activation quantization (--abits < 16) is not implemented yet; use --abits 16"
+        )
+    if config.calib.let:
+        raise ConfigError("LET is not implemented yet; run without --let")
+
+
+def _check_group_size(blocks: nn.ModuleList, config: OmniQuantConfig) -> None:
+    g = config.weight.group_size
+    if not g:
+        return
+    for name, linear in block_linears(blocks[0]).items():
+        if g > linear.in_features:
+            raise ConfigError(
+                f"group size {g} is larger than the width {linear.in_features} of {name}; "
+                f"use a group size <= {linear.in_features} or per-channel (--group-size 0)"
+            )
+
+
+def _prepare_output(output: Path | None, resume: bool) -> Path | None:
+    """The work folder `<output>.partial`; refuses an existing output or a stale partial run."""
+    if output is None:
+        return None
+    if output.exists():
+        raise OutputError(f"output folder {output} exists already; choose another --output")
+    partial = output.with_name(output.name + ".partial")
+    if partial.exists() and not resume:
+        raise OutputError(
+            f"{partial} holds an interrupted run; pass --resume to continue it, or delete it"
+        )
+    return partial
+
+
+def _check_resume(partial: Path, run: dict[str, Any]) -> None:
+    path = partial / "run.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != run:
+            raise OutputError(
+                f"--resume: {partial} was started with other settings ({saved}); "
+                f"delete it or rerun with the same settings"
+            )
+    else:
+        partial.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run, indent=2))
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "omniquant": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def calibration_batches(tokenizer: Any, config: OmniQuantConfig) -> list[torch.Tensor]:
+    """The calibration windows (nsamples, seqlen), split into batches."""
+    c = config.calib
+    tokens = tokenize_text(tokenizer, load_text(c.calib_dataset))
+    windows = calibration_windows(tokens, c.nsamples, c.seqlen, bos_token_id(tokenizer), c.seed)
+    return list(windows.split(c.batch_size))
+
+
+def quantize_lm_head(model: nn.Module, config: OmniQuantConfig, lm_head_path: str) -> None:
+    """Round-to-nearest the lm_head (untied from the embeddings first)."""
+    head = get_module(model, lm_head_path)
+    assert isinstance(head, nn.Linear)
+    with torch.no_grad():
+        q = LWC(head.out_features, head.in_features, config.weight, learnable=False)
+        head.weight = nn.Parameter(q(head.weight.detach().clone()), requires_grad=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+
+
+def quantize(
+    model: str | os.PathLike[str] | nn.Module | None = None,
+    config: OmniQuantConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    output: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize a causal LM with OmniQuant (or RTN) block by block.
+
+    `model` is a loaded Hugging Face model (changed in place) or a name/path for `load_model`
+    (None: the embedded SmolLM2 default). With `output`, the result is written as a folder that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads, plus `omniquant.json`; while running,
+    the work lives in `<output>.partial` and `resume=True` continues it from the next block.
+    """
+    config = config or OmniQuantConfig()
+    _check_supported(config)
+    runtime = runtime_for(device, dtype, progress)
+    out = Path(output) if output is not None else None
+    partial = _prepare_output(out, resume)
+    model_name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
+    if not isinstance(model, nn.Module):
+        model, tokenizer = load_model(model)
+    if tokenizer is None:
+        raise ModelError("pass the tokenizer with a model object: quantize(model, tokenizer=...)")
+    arch = get_architecture(model)
+    blocks = decoder_layers(model, arch)
+    _check_group_size(blocks, config)
+    batches = calibration_batches(tokenizer, config)
+    run_id = {"model": model_name, "config": config.to_dict()}
+    store = StateStore(None)
+    if partial is not None:
+        _check_resume(partial, run_id)
+        store = StateStore(partial / "state")
+    torch.manual_seed(config.calib.seed)
+    t0 = time.perf_counter()
+    try:
+        captured = capture_block_inputs(model, blocks, batches, runtime.device)
+        reports = calibrate_blocks(blocks, captured, config.weight, config.calib, runtime, store)
+    except BaseException:
+        if partial is not None:
+            if store.completed() == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                log.error("interrupted; %s keeps the finished blocks: rerun with --resume", partial)
+        raise
+    if config.quantize_lm_head:
+        quantize_lm_head(model, config, arch.lm_head)
+    seconds = time.perf_counter() - t0
+    report = build_report(model_name, arch.name, config, runtime, reports, seconds)
+    log.info("calibrated %d blocks in %.1f s", len(reports), seconds)
+    if out is not None and partial is not None:
+        write_output(model, tokenizer, report, partial, out)
+    return QuantizeResult(model, tokenizer, report, out)
+
+
+def build_report(
+    model_name: str,
+    arch: str,
+    config: OmniQuantConfig,
+    runtime: Runtime,
+    reports: list[BlockReport],
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "model": model_name,
+        "architecture": arch,
+        "setting": config.label,
+        "config": config.to_dict(),
+        "runtime": {
+            "device": str(runtime.device),
+            "autocast": str(runtime.autocast_dtype) if runtime.autocast_dtype else "float32",
+            "threads": torch.get_num_threads(),
+        },
+        "calibration_seconds": seconds,
+        "nan_events": sum(r.nan_events for r in reports),
+        "blocks": [r.to_dict() for r in reports],
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def write_output(
+    model: nn.Module, tokenizer: Any, report: dict[str, Any], partial: Path, out: Path
+) -> None:
+    """Save into the partial folder, then rename it to the output in one step."""
+    shutil.rmtree(partial / "state", ignore_errors=True)
+    (partial / "run.json").unlink(missing_ok=True)
+    save_model(model, tokenizer, partial)
+    (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    partial.rename(out)
+
+
+def evaluate(
+    model: str | os.PathLike[str] | nn.Module | None = None,
+    *,
+    tokenizer: Any = None,
+    dataset: str = "austen:emma",
+    seqlen: int = 512,
+    max_windows: int | None = 80,
+    device: str = "cpu",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> float:
+    """Perplexity per the austen-v1 protocol (defaults) or on another text source."""
+    if not isinstance(model, nn.Module):
+        model, tokenizer = load_model(model)
+    if tokenizer is None:
+        raise ModelError("pass the tokenizer with a model object: evaluate(model, tokenizer=...)")
+    tokens = tokenize_text(tokenizer, load_text(dataset, split=EVAL_SPLITS.get(dataset, "train")))
+    windows = eval_windows(tokens, seqlen, bos_token_id(tokenizer), max_windows)
+    model.to(device)
+    try:
+        return perplexity(model, windows, device, batch_size, progress)
+    finally:
+        model.to("cpu")
+
+
+def load(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
+    """Load a model folder written by `quantize` (or any HF model): (model, tokenizer)."""
+    model, tokenizer = load_model(path)
+    return model, tokenizer

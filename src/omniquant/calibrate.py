@@ -1,0 +1,382 @@
+"""The block loop: OmniQuant's block-wise error minimization.
+
+For each decoder block l, in order:
+  1. targets   F(W, X_fp) — the float block on the float chain's inputs (and F(W, X_q) for aug_loss);
+  2. attach    a quantizer to every linear of the block (LWC as a weight parametrization);
+  3. train     AdamW on the quantizer parameters, loss between F(Q(W), X_q) and the targets;
+  4. fold      the weights become their dequantized quantized values, the quantizers go away;
+  5. advance   X_q ← F(Q(W), X_q) and X_fp ← F(W, X_fp) become block l+1's inputs.
+Activations live on the CPU and go to the device one batch at a time; only block l is on the device.
+After each block its learned parameters are written to the state folder, so an interrupted run can
+resume from the next block and produce the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from omniquant.capture import BlockArgs, CapturedInputs, map_tensors
+from omniquant.config import CalibConfig, WeightQuant
+from omniquant.errors import CalibrationError
+from omniquant.models.architecture import block_linears
+from omniquant.quant.lwc import LWC
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockReport:
+    """What happened to one block."""
+
+    index: int
+    loss_before: float  # training objective with the quantizers at their initial values
+    loss_after: float  # the same after training and folding
+    seconds: float
+    epoch_losses: list[float] = field(default_factory=list)
+    nan_events: int = 0
+    final_lr_scale: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision the block loop runs."""
+
+    device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None  # None: plain float32
+    progress: bool = True
+
+    def autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Error between a quantized block's output and its target, both (B, T, C).
+
+    "mse": the plain mean squared error. "token-normalized": each token's squared error divided by
+    its target's mean square, then averaged, so that a token with a huge hidden state (the massive
+    activation of the first token) weighs no more than any other token.
+    """
+    out, target = out.float(), target.float()
+    if weighting == "mse":
+        return F.mse_loss(out, target)
+    err = (out - target).pow(2).mean(dim=-1)  # (B, T)
+    scale = target.pow(2).mean(dim=-1).clamp_min(1e-12)  # (B, T)
+    return (err / scale).mean()
+
+
+# ---------------------------------------------------------------- quantizers on a block
+
+
+def attach_quantizers(block: nn.Module, spec: WeightQuant, cfg: CalibConfig) -> dict[str, LWC]:
+    """Register an LWC parametrization on every linear of the block; returns them by name."""
+    learnable = cfg.method == "omniquant" and cfg.lwc
+    quantizers: dict[str, LWC] = {}
+    for name, linear in block_linears(block).items():
+        q = LWC(linear.out_features, linear.in_features, spec, learnable, cfg.lwc_init)
+        q.to(linear.weight.device)
+        parametrize.register_parametrization(linear, "weight", q, unsafe=True)
+        linear.parametrizations.weight.original.requires_grad_(False)
+        quantizers[name] = q
+    return quantizers
+
+
+@torch.no_grad()
+def fold_quantizers(block: nn.Module) -> None:
+    """Replace each parametrized weight by its quantized value and drop the parametrization."""
+    for name, linear in block_linears(block).items():
+        if parametrize.is_parametrized(linear, "weight"):
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+            if not torch.isfinite(linear.weight).all():
+                raise CalibrationError(f"non-finite weights after folding {name}")
+            linear.weight.requires_grad_(False)
+
+
+def quantizer_state(quantizers: dict[str, LWC]) -> dict[str, dict[str, torch.Tensor]]:
+    """The learned parameters of a block's quantizers, on the CPU."""
+    return {
+        name: {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
+        for name, q in quantizers.items()
+    }
+
+
+def load_quantizer_state(
+    quantizers: dict[str, LWC], state: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    for name, q in quantizers.items():
+        q.load_state_dict(state[name])
+
+
+# ---------------------------------------------------------------- running a block
+
+
+def run_block(
+    block: nn.Module, x: torch.Tensor, extra: BlockArgs, runtime: Runtime
+) -> torch.Tensor:
+    """The block's own forward on one batch; returns the hidden state (B, T, C)."""
+    with runtime.autocast():
+        out = block(x, *extra.args, **extra.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_block_all(
+    block: nn.Module, inputs: list[torch.Tensor], extra: BlockArgs, runtime: Runtime
+) -> list[torch.Tensor]:
+    """Run the block on every batch; outputs go back to the CPU in the inputs' dtype."""
+    return [
+        run_block(block, x.to(runtime.device, torch.float32), extra, runtime).to("cpu", x.dtype)
+        for x in inputs
+    ]
+
+
+@torch.no_grad()
+def mean_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], weighting: str) -> float:
+    return sum(block_loss(o, t, weighting).item() for o, t in zip(outputs, targets)) / len(outputs)
+
+
+# ---------------------------------------------------------------- training one block
+
+
+@dataclass
+class _TrainState:
+    lr_scale: float = 1.0
+    nan_events: int = 0
+
+
+def _optimizer(
+    quantizers: dict[str, LWC], cfg: CalibConfig, lr_scale: float
+) -> torch.optim.Optimizer:
+    params = [p for q in quantizers.values() for p in q.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": params, "lr": cfg.lwc_lr * lr_scale}], weight_decay=cfg.wd)
+
+
+def train_block(
+    block: nn.Module,
+    quantizers: dict[str, LWC],
+    inputs_q: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    aug_targets: list[torch.Tensor] | None,
+    extra: BlockArgs,
+    cfg: CalibConfig,
+    runtime: Runtime,
+    seed: int,
+) -> tuple[list[float], _TrainState]:
+    """AdamW on the quantizer parameters; returns the mean loss of each epoch.
+
+    A non-finite loss or gradient restores the last good parameters, halves the learning rate and
+    retries the batch, at most `cfg.max_nan_retries` times per block.
+    """
+    state = _TrainState()
+    opt = _optimizer(quantizers, cfg, state.lr_scale)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    good = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    epoch_losses: list[float] = []
+    bar = tqdm(range(cfg.epochs), desc="  epochs", leave=False, disable=not runtime.progress)
+    for _ in bar:
+        total = 0.0
+        for j in torch.randperm(len(inputs_q), generator=gen).tolist():
+            while True:
+                x = inputs_q[j].to(runtime.device, torch.float32)
+                out = run_block(block, x, extra, runtime)
+                loss = block_loss(out, targets[j].to(runtime.device), cfg.loss)
+                if aug_targets is not None:
+                    loss = loss + block_loss(out, aug_targets[j].to(runtime.device), cfg.loss)
+                opt.zero_grad(set_to_none=True)
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    loss.backward()
+                    finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+                if finite:
+                    opt.step()
+                    with torch.no_grad():
+                        for g, p in zip(good, params):
+                            g.copy_(p)
+                    total += loss.item()
+                    break
+                state.nan_events += 1
+                if state.nan_events > cfg.max_nan_retries:
+                    raise CalibrationError(
+                        f"the loss stayed non-finite after {cfg.max_nan_retries} retries with a "
+                        f"halved learning rate; try a lower --lwc-lr or --dtype float32"
+                    )
+                state.lr_scale /= 2
+                log.warning(
+                    "non-finite loss: restoring the last good parameters, learning rate x%.4g",
+                    state.lr_scale,
+                )
+                with torch.no_grad():
+                    for g, p in zip(good, params):
+                        p.copy_(g)
+                opt = _optimizer(quantizers, cfg, state.lr_scale)
+                params = [p for group in opt.param_groups for p in group["params"]]
+        epoch_losses.append(total / len(inputs_q))
+        bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
+    return epoch_losses, state
+
+
+# ---------------------------------------------------------------- the block loop
+
+
+class StateStore:
+    """Per-block learned parameters and reports in a folder, for --resume."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, index: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"block_{index:04d}.pt"
+
+    def save(self, index: int, params: dict[str, Any], report: BlockReport) -> None:
+        if self.folder is None:
+            return
+        tmp = self.path(index).with_suffix(".tmp")
+        torch.save({"params": params, "report": report.to_dict()}, tmp)
+        tmp.replace(self.path(index))
+
+    def load(self, index: int) -> tuple[dict[str, Any], BlockReport] | None:
+        if self.folder is None or not self.path(index).exists():
+            return None
+        data = torch.load(self.path(index), weights_only=True)
+        return data["params"], BlockReport(**data["report"])
+
+    def completed(self) -> int:
+        """How many leading blocks have a saved state."""
+        n = 0
+        while self.load(n) is not None:
+            n += 1
+        return n
+
+
+def _extra_on_device(extra: BlockArgs, device: torch.device) -> BlockArgs:
+    """A block's extra arguments on the device, floating tensors in float32 like the block."""
+    moved = map_tensors(
+        (extra.args, extra.kwargs),
+        lambda t: t.to(device, torch.float32) if t.is_floating_point() else t.to(device),
+    )
+    return BlockArgs(*moved)
+
+
+@contextmanager
+def _block_on(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move the block to the device in float32 for the duration, back to the CPU after."""
+    dtype = next(block.parameters()).dtype
+    block.to(device, torch.float32)
+    try:
+        yield block
+    finally:
+        block.to("cpu", dtype)
+
+
+def calibrate_blocks(
+    blocks: nn.ModuleList,
+    captured: CapturedInputs,
+    spec: WeightQuant,
+    cfg: CalibConfig,
+    runtime: Runtime,
+    store: StateStore | None = None,
+    on_block: Callable[[BlockReport], None] | None = None,
+) -> list[BlockReport]:
+    """Quantize every block in place; returns one report per block."""
+    store = store or StateStore(None)
+    resume_from = store.completed()
+    inputs_fp = captured.hidden
+    inputs_q = captured.hidden
+    reports: list[BlockReport] = []
+    bar = tqdm(range(len(blocks)), desc="blocks", disable=not runtime.progress)
+    for i in bar:
+        t0 = time.perf_counter()
+        extra = _extra_on_device(captured.block_args[i], runtime.device)
+        saved = store.load(i) if i < resume_from else None
+        with _block_on(blocks[i], runtime.device) as block:
+            block.requires_grad_(False)
+            targets = run_block_all(block, inputs_fp, extra, runtime)
+            aug = (
+                run_block_all(block, inputs_q, extra, runtime)
+                if cfg.aug_loss and cfg.trains and saved is None
+                else None
+            )
+            quantizers = attach_quantizers(block, spec, cfg)
+            if saved is not None:
+                load_quantizer_state(quantizers, saved[0])
+                report = saved[1]
+            else:
+                report = _train_and_report(
+                    i, block, quantizers, inputs_q, targets, aug, extra, cfg, runtime
+                )
+            params = quantizer_state(quantizers)
+            fold_quantizers(block)
+            outputs_q = run_block_all(block, inputs_q, extra, runtime)
+        if saved is None:
+            report.loss_after = mean_loss(outputs_q, targets, cfg.loss)
+            if math.isnan(report.loss_before):  # nothing trained: the loss did not change
+                report.loss_before = report.loss_after
+            report.seconds = time.perf_counter() - t0
+            store.save(i, params, report)
+        if not math.isfinite(report.loss_after):
+            raise CalibrationError(f"block {i}: non-finite output after quantization")
+        reports.append(report)
+        bar.set_postfix(loss=f"{report.loss_before:.3g}->{report.loss_after:.3g}")
+        log.info(
+            "block %d: loss %.5g -> %.5g (%.1fs)",
+            i,
+            report.loss_before,
+            report.loss_after,
+            report.seconds,
+        )
+        if on_block is not None:
+            on_block(report)
+        inputs_fp, inputs_q = targets, outputs_q
+    return reports
+
+
+def _train_and_report(
+    index: int,
+    block: nn.Module,
+    quantizers: dict[str, LWC],
+    inputs_q: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    aug: list[torch.Tensor] | None,
+    extra: BlockArgs,
+    cfg: CalibConfig,
+    runtime: Runtime,
+) -> BlockReport:
+    if not cfg.trains:
+        return BlockReport(index, loss_before=float("nan"), loss_after=float("nan"), seconds=0.0)
+    before = mean_loss(run_block_all(block, inputs_q, extra, runtime), targets, cfg.loss)
+    epoch_losses, state = train_block(
+        block, quantizers, inputs_q, targets, aug, extra, cfg, runtime, seed=cfg.seed + index
+    )
+    return BlockReport(
+        index,
+        loss_before=before,
+        loss_after=float("nan"),
+        seconds=0.0,
+        epoch_losses=epoch_losses,
+        nan_events=state.nan_events,
+        final_lr_scale=state.lr_scale,
+    )

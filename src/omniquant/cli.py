@@ -1,0 +1,331 @@
+"""The `omniquant` command: a thin layer over `omniquant.api`."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from omniquant import api
+from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.errors import OmniQuantError
+from omniquant.model_io import DEFAULT_MODEL, load_model
+
+log = logging.getLogger("omniquant")
+
+MODEL_HELP = (
+    "model to load: a local Hugging Face folder, a .gguf file, a Hub id (needs the network), or "
+    f"'{DEFAULT_MODEL}' for the embedded offline default SmolLM2-135M-Instruct (default)"
+)
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="cpu", help="where to compute: cpu, cuda, cuda:1 ... (default cpu)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: PyTorch's choice)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
+
+
+def _add_eval_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--eval-dataset",
+        default="austen:emma",
+        help="perplexity text: austen:<novel>, a .txt file or folder, wikitext2, c4, ptb "
+        "(default austen:emma, the austen-v1 protocol)",
+    )
+    p.add_argument(
+        "--eval-seqlen", type=int, default=512, help="perplexity window length (default 512)"
+    )
+    p.add_argument(
+        "--eval-windows", type=int, default=80, help="number of windows, 0 for all (default 80)"
+    )
+    p.add_argument(
+        "--eval-batch-size", type=int, default=4, help="windows per forward pass (default 4)"
+    )
+
+
+def _add_quant_flags(p: argparse.ArgumentParser) -> None:
+    d = CalibConfig()
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument(
+        "--method",
+        choices=["omniquant", "rtn"],
+        default="omniquant",
+        help="omniquant: learned calibration; rtn: round-to-nearest min-max baseline",
+    )
+    p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    p.add_argument(
+        "--abits", type=int, default=16, help="activation bits, 16 = not quantized (default 16)"
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=0,
+        help="input channels per weight group; 0 = one scale per output channel "
+        "(default 0). A ragged last group holds the remainder.",
+    )
+    p.add_argument(
+        "--symmetric", action="store_true", help="symmetric weight grid (default asymmetric)"
+    )
+    p.add_argument(
+        "--lwc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="learnable weight clipping (default on)",
+    )
+    p.add_argument(
+        "--let",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="learnable equivalent transformation (default off)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help=f"passes over the calibration set per block (default {d.epochs})",
+    )
+    p.add_argument(
+        "--nsamples",
+        type=int,
+        default=d.nsamples,
+        help=f"calibration windows (default {d.nsamples})",
+    )
+    p.add_argument(
+        "--seqlen",
+        type=int,
+        default=d.seqlen,
+        help=f"tokens per calibration window (default {d.seqlen})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"windows per optimizer step (default {d.batch_size})",
+    )
+    p.add_argument(
+        "--calib-dataset",
+        default=d.calib_dataset,
+        help="calibration text: austen:<novel>, a .txt file or folder of .txt, "
+        f"wikitext2, c4, ptb (default {d.calib_dataset})",
+    )
+    p.add_argument(
+        "--lwc-lr", type=float, default=d.lwc_lr, help=f"LWC learning rate (default {d.lwc_lr})"
+    )
+    p.add_argument(
+        "--let-lr", type=float, default=d.let_lr, help=f"LET learning rate (default {d.let_lr})"
+    )
+    p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
+    p.add_argument(
+        "--aug-loss",
+        action="store_true",
+        help="also match the float block's output on the quantized chain's input",
+    )
+    p.add_argument(
+        "--loss",
+        choices=["mse", "token-normalized"],
+        default=d.loss,
+        help="block loss: plain MSE, or each token's error relative to its own size, so "
+        "the massive first-token activation does not dominate (default mse)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"seed for sampling and shuffling (default {d.seed})",
+    )
+    p.add_argument(
+        "--quantize-lm-head", action="store_true", help="also round the lm_head (default off)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="compute precision during calibration: auto = float32 on CPU, bf16 autocast "
+        "on CUDA (learned parameters stay float32)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omniquant",
+        description="OmniQuant post-training quantization of Hugging Face decoder LMs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser(
+        "quantize",
+        help="calibrate and write a quantized model folder",
+        description="Quantize a causal LM block by block and write the result.",
+    )
+    _add_quant_flags(q)
+    q.add_argument(
+        "--output",
+        required=True,
+        help="folder to write (must not exist); the work lives in <output>.partial",
+    )
+    q.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from <output>.partial"
+    )
+    q.add_argument("--eval", action="store_true", help="print the perplexity of the result")
+    _add_eval_data(q)
+    _add_runtime(q)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity of a model",
+        description="Perplexity per the austen-v1 protocol (or another text).",
+    )
+    e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
+    _add_eval_data(e)
+    _add_runtime(e)
+
+    demo = sub.add_parser(
+        "demo",
+        help="float / RTN / OmniQuant perplexity table on the default",
+        description="Quantize the embedded SmolLM2 at W4A16g128 with RTN and "
+        "OmniQuant (LWC) and print float / RTN / OmniQuant perplexity.",
+    )
+    _add_quant_flags(demo)
+    demo.set_defaults(group_size=128, epochs=2, nsamples=32, seqlen=512, loss="token-normalized")
+    _add_eval_data(demo)
+    _add_runtime(demo)
+    return parser
+
+
+def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
+    return OmniQuantConfig(
+        weight=WeightQuant(bits=a.wbits, group_size=a.group_size or None, symmetric=a.symmetric),
+        act=ActQuant(bits=a.abits),
+        calib=CalibConfig(
+            method=a.method,
+            lwc=a.lwc,
+            let=a.let,
+            epochs=a.epochs,
+            nsamples=a.nsamples,
+            seqlen=a.seqlen,
+            batch_size=a.batch_size,
+            lwc_lr=a.lwc_lr,
+            let_lr=a.let_lr,
+            wd=a.wd,
+            aug_loss=a.aug_loss,
+            loss=a.loss,
+            calib_dataset=a.calib_dataset,
+            seed=a.seed,
+        ),
+        quantize_lm_head=a.quantize_lm_head,
+    )
+
+
+def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> float:
+    return api.evaluate(
+        model,
+        tokenizer=tokenizer,
+        dataset=a.eval_dataset,
+        seqlen=a.eval_seqlen,
+        max_windows=a.eval_windows or None,
+        device=a.device,
+        batch_size=a.eval_batch_size,
+        progress=not a.quiet,
+    )
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    config = config_from_args(a)
+    result = api.quantize(
+        a.model,
+        config,
+        output=a.output,
+        device=a.device,
+        dtype=a.dtype,
+        resume=a.resume,
+        progress=not a.quiet,
+    )
+    r = result.report
+    print(
+        f"{r['setting']} {config.calib.method}: {len(r['blocks'])} blocks in "
+        f"{r['calibration_seconds']:.1f} s ({r['runtime']['threads']} threads), "
+        f"NaN events {r['nan_events']}; written to {a.output}"
+    )
+    if a.eval:
+        print(f"perplexity ({a.eval_dataset}): {_eval(result.model, result.tokenizer, a):.4f}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    ppl = api.evaluate(
+        a.model,
+        dataset=a.eval_dataset,
+        seqlen=a.eval_seqlen,
+        max_windows=a.eval_windows or None,
+        device=a.device,
+        batch_size=a.eval_batch_size,
+        progress=not a.quiet,
+    )
+    print(json.dumps({"model": a.model, "dataset": a.eval_dataset, "perplexity": ppl}))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    model, tokenizer = load_model(a.model)
+    rows = [("float", "-", _eval(model, tokenizer, a), 0.0)]
+    config = config_from_args(a)
+    for method in ("rtn", "omniquant"):
+        cfg = OmniQuantConfig(
+            config.weight, config.act, CalibConfig(**{**config.calib.__dict__, "method": method})
+        )
+        res = api.quantize(
+            copy.deepcopy(model),
+            cfg,
+            tokenizer=tokenizer,
+            device=a.device,
+            dtype=a.dtype,
+            progress=not a.quiet,
+        )
+        rows.append(
+            (method, cfg.label, _eval(res.model, tokenizer, a), res.report["calibration_seconds"])
+        )
+    print(
+        f"\nSmolLM2-135M-Instruct, perplexity on {a.eval_dataset} "
+        f"(OmniQuant: LWC, {config.calib.nsamples}x{config.calib.seqlen}, "
+        f"{config.calib.epochs} epochs, loss {config.calib.loss}; "
+        f"{torch.get_num_threads()} threads)"
+    )
+    print(f"| {'method':<10} | {'setting':<10} | {'perplexity':>10} | {'calib s':>8} |")
+    print(f"|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
+    for name, setting, ppl, secs in rows:
+        print(f"| {name:<10} | {setting:<10} | {ppl:>10.2f} | {secs:>8.1f} |")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except OmniQuantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

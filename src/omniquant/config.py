@@ -1,0 +1,163 @@
+"""Frozen, validated configuration records.
+
+`WeightQuant` and `ActQuant` say *what* the quantized model looks like; `CalibConfig` says *how* the
+quantization parameters are learned; `OmniQuantConfig` bundles the three and round-trips through JSON
+(it is what `omniquant.json` stores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from omniquant.errors import ConfigError
+
+Method = Literal["omniquant", "rtn"]
+LossWeighting = Literal["mse", "token-normalized"]
+
+MIN_BITS = 2
+MAX_BITS = 8
+NO_QUANT_BITS = 16
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Uniform affine weight quantization.
+
+    bits: 2..8. group_size: None for one scale/zero point per output row, else g consecutive input
+    channels of a row share them (a ragged last group holds the remainder). symmetric: signed grid with
+    zero point 0 instead of the asymmetric min-max grid.
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(
+                f"weight bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}"
+            )
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or self.group_size <= 0
+        ):
+            raise ConfigError(
+                f"group size must be a positive integer (or None/0 for per-channel), "
+                f"got {self.group_size!r}"
+            )
+
+    @property
+    def label(self) -> str:
+        """Short name such as `W4` or `W3g128`."""
+        return f"W{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Per-token dynamic activation quantization; bits 16 means activations stay in float."""
+
+    bits: int = NO_QUANT_BITS
+    quantize_qkv: bool = True
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits != NO_QUANT_BITS and not (
+            isinstance(self.bits, int) and 4 <= self.bits <= MAX_BITS
+        ):
+            raise ConfigError(
+                f"activation bits must be 4..{MAX_BITS}, or {NO_QUANT_BITS} for no activation "
+                f"quantization, got {self.bits!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether activations are quantized at all."""
+        return self.bits != NO_QUANT_BITS
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How the block-wise calibration runs (defaults from the paper / reference code)."""
+
+    method: Method = "omniquant"
+    lwc: bool = True
+    let: bool = False
+    epochs: int = 20
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 1
+    lwc_lr: float = 1e-2
+    let_lr: float = 5e-3
+    wd: float = 0.0
+    aug_loss: bool = False
+    loss: LossWeighting = "mse"
+    calib_dataset: str = "austen:prideprejudice"
+    seed: int = 0
+    max_nan_retries: int = 4
+    lwc_init: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("omniquant", "rtn"):
+            raise ConfigError(f"method must be 'omniquant' or 'rtn', got {self.method!r}")
+        if self.loss not in ("mse", "token-normalized"):
+            raise ConfigError(f"loss must be 'mse' or 'token-normalized', got {self.loss!r}")
+        for name in ("epochs", "max_nan_retries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("nsamples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seqlen < 2:
+            raise ConfigError(f"seqlen must be >= 2, got {self.seqlen}")
+        if self.nsamples % self.batch_size:
+            raise ConfigError(
+                f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})"
+            )
+        for name in ("lwc_lr", "let_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.wd < 0:
+            raise ConfigError(f"wd must be >= 0, got {self.wd}")
+
+    @property
+    def trains(self) -> bool:
+        """Whether any parameter is learned (RTN and 0 epochs learn nothing)."""
+        return self.method == "omniquant" and self.epochs > 0 and (self.lwc or self.let)
+
+
+@dataclass(frozen=True)
+class OmniQuantConfig:
+    """Everything that defines a quantization run's result."""
+
+    weight: WeightQuant = field(default_factory=WeightQuant)
+    act: ActQuant = field(default_factory=ActQuant)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quantize_lm_head: bool = False
+
+    @property
+    def label(self) -> str:
+        """Setting name in the paper's notation, e.g. `W4A16g128`."""
+        g = f"g{self.weight.group_size}" if self.weight.group_size else ""
+        return f"W{self.weight.bits}A{self.act.bits}{g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OmniQuantConfig:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        parts = {"weight": WeightQuant, "act": ActQuant, "calib": CalibConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in parts:
+                known = {f.name for f in fields(parts[key])}
+                unknown = set(value) - known
+                if unknown:
+                    raise ConfigError(f"unknown {key} settings: {sorted(unknown)}")
+                kwargs[key] = parts[key](**value)
+            elif key == "quantize_lm_head":
+                kwargs[key] = bool(value)
+            else:
+                raise ConfigError(f"unknown config key {key!r}")
+        return cls(**kwargs)

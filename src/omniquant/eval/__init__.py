@@ -1,0 +1,5 @@
+"""Evaluation: perplexity (and, later, zero-shot tasks)."""
+
+from omniquant.eval.perplexity import perplexity
+
+__all__ = ["perplexity"]

@@ -1,0 +1,89 @@
+"""The architecture registry, keyed by the Hugging Face model class name."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from omniquant.errors import ModelError
+from omniquant.models.architecture import Architecture, block_linears, get_module
+from omniquant.models.gemma3 import GEMMA3
+from omniquant.models.llama import LLAMA, MISTRAL, QWEN2
+from omniquant.models.opt import OPT
+from omniquant.models.phi3 import PHI3
+from omniquant.models.qwen3 import QWEN3
+
+log = logging.getLogger(__name__)
+
+REGISTRY: dict[str, Architecture] = {
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": MISTRAL,
+    "Qwen2ForCausalLM": QWEN2,
+    "Qwen3ForCausalLM": QWEN3,
+    "Gemma3ForCausalLM": GEMMA3,
+    "OPTForCausalLM": OPT,
+    "Phi3ForCausalLM": PHI3,
+}
+
+
+def register(class_name: str, arch: Architecture) -> None:
+    """Add or replace the architecture used for a Hugging Face model class."""
+    REGISTRY[class_name] = arch
+
+
+def _find_block_list(model: nn.Module) -> str | None:
+    """Dotted path of the longest ModuleList whose every child holds an nn.Linear."""
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if all(block_linears(child) for child in module):
+                if best is None or len(module) > best[0]:
+                    best = (len(module), name)
+    return best[1] if best else None
+
+
+def infer_architecture(model: nn.Module) -> Architecture:
+    """A best-effort record for an unregistered model of the standard shape."""
+    cls = type(model).__name__
+    layers = _find_block_list(model)
+    if layers is None:
+        raise ModelError(
+            f"unsupported architecture {cls}: no ModuleList of decoder blocks holding nn.Linear "
+            f"layers was found. Supported classes: {', '.join(sorted(REGISTRY))}"
+        )
+    embeddings = tuple(name for name, m in model.named_modules() if isinstance(m, nn.Embedding))
+    log.warning(
+        "%s is not a registered architecture; quantizing the nn.Linear layers of the %d blocks "
+        "at %r (weight-only calibration works; LET needs a registered architecture)",
+        cls,
+        len(get_module(model, layers)),
+        layers,
+    )
+    return Architecture(
+        name=cls,
+        layers=layers,
+        embeddings=embeddings,
+        final_norm=None,
+        attn_norm=None,
+        qkv=(),
+        o_proj=None,
+        mlp_norm=None,
+        mlp_in=(),
+        mlp_out=None,
+        rotary=False,
+    )
+
+
+def get_architecture(model: nn.Module) -> Architecture:
+    """The registered record of this model's class, else an inferred one (with a warning)."""
+    arch = REGISTRY.get(type(model).__name__)
+    return arch if arch is not None else infer_architecture(model)
+
+
+def decoder_layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:
+    """The model's ModuleList of decoder blocks."""
+    layers = get_module(model, arch.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"{type(model).__name__}.{arch.layers} is not a ModuleList")
+    return layers
