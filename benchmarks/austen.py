@@ -1,0 +1,136 @@
+"""austen-v1 benchmark rows: float, RTN and OmniQuant perplexity on SmolLM2 (BENCHMARK.md).
+
+Each row quantizes a fresh copy of the model, measures calibration wall seconds at a stated thread
+count, evaluates perplexity on emma (80 windows of 512), and appends one JSON line to --results.
+`--table` prints the markdown table of a results file (what the README shows).
+
+Examples:
+  python benchmarks/austen.py --threads 1 --settings W3A16g128 --methods omniquant \
+      --nsamples 32 --epochs 5                                   # the reference code's budget
+  python benchmarks/austen.py --threads 2 --settings W4A16g128 --methods float,rtn
+  python benchmarks/austen.py --table --results benchmarks/results/austen.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from omniquant import api
+from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.model_io import load_model
+
+DEFAULT_RESULTS = Path(__file__).parent / "results" / "austen.jsonl"
+SETTING = re.compile(r"^W(\d)A(\d+)(?:g(\d+))?$")
+
+
+def parse_setting(s: str) -> tuple[WeightQuant, ActQuant]:
+    m = SETTING.match(s)
+    if not m:
+        raise SystemExit(f"bad setting {s!r}: use e.g. W4A16, W3A16g128")
+    group = int(m.group(3)) if m.group(3) else None
+    return WeightQuant(int(m.group(1)), group), ActQuant(int(m.group(2)))
+
+
+def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, object]:
+    model, tokenizer = load_model("smollm2")
+    row: dict[str, object] = {"method": method, "setting": setting if method != "float" else "-"}
+    seconds = 0.0
+    if method != "float":
+        weight, act = parse_setting(setting)
+        calib = CalibConfig(
+            method="rtn" if method == "rtn" else "omniquant",
+            epochs=a.epochs,
+            nsamples=a.nsamples,
+            seqlen=a.seqlen,
+            lwc_lr=a.lwc_lr,
+            loss=a.loss,
+            aug_loss=a.aug_loss,
+            batch_size=a.batch_size,
+            seed=a.seed,
+        )
+        config = OmniQuantConfig(weight, act, calib)
+        t0 = time.perf_counter()
+        result = api.quantize(model, config, tokenizer=tokenizer, dtype=a.dtype, progress=False)
+        seconds = time.perf_counter() - t0
+        model = result.model
+        blocks = result.report["blocks"]
+        row.update(
+            nsamples=a.nsamples,
+            seqlen=a.seqlen,
+            epochs=a.epochs if method == "omniquant" else 0,
+            lwc_lr=a.lwc_lr,
+            loss=a.loss,
+            aug_loss=a.aug_loss,
+            dtype=a.dtype,
+            nan_events=result.report["nan_events"],
+            loss_before=[b["loss_before"] for b in blocks],
+            loss_after=[b["loss_after"] for b in blocks],
+        )
+    ppl = api.evaluate(model, tokenizer=tokenizer, progress=False)
+    row.update(calib_seconds=round(seconds, 1), threads=torch.get_num_threads(), perplexity=ppl)
+    return row
+
+
+def table(results: Path) -> str:
+    lines = [
+        "| method | setting | nsamples × seqlen | epochs | loss | dtype | calib s | threads "
+        "| perplexity |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        calib = f"{r['nsamples']} × {r['seqlen']}" if "nsamples" in r else "—"
+        if r["method"] == "rtn":
+            calib = "—"
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {calib} | {r.get('epochs', '—')} "
+            f"| {r.get('loss', '—') if r['method'] == 'omniquant' else '—'} "
+            f"| {r.get('dtype', 'float32')} | {r['calib_seconds']:.0f} | {r['threads']} "
+            f"| {r['perplexity']:,.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--settings", default="W4A16,W4A16g128,W3A16g128,W2A16g128,W2A16g64")
+    p.add_argument("--methods", default="float,rtn,omniquant")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lwc-lr", type=float, default=1e-2)
+    p.add_argument("--loss", default="mse", choices=["mse", "token-normalized"])
+    p.add_argument("--aug-loss", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--table", action="store_true", help="print the table of --results and exit")
+    a = p.parse_args()
+    if a.table:
+        print(table(a.results))
+        return 0
+    torch.set_num_threads(a.threads)
+    a.results.parent.mkdir(parents=True, exist_ok=True)
+    methods = a.methods.split(",")
+    for method in methods:
+        settings = ["-"] if method == "float" else a.settings.split(",")
+        for setting in settings:
+            row = run_row(method, setting, a)
+            with a.results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("loss_")}))
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

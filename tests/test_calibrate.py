@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from omniquant.calibrate import Runtime, StateStore, block_loss, calibrate_blocks
+from omniquant.capture import capture_block_inputs
+from omniquant.config import CalibConfig, WeightQuant
+from omniquant.errors import CalibrationError
+from omniquant.models import block_linears, decoder_layers, get_architecture
+from omniquant.quant.primitives import to_groups
+from tests.conftest import random_ids, tiny_model
+
+SPEC = WeightQuant(bits=3, group_size=16)
+RT = Runtime(progress=False)
+
+
+def _run(family, cfg, store=None, on_block=None, seed=0):
+    model = tiny_model(family, seed=seed)
+    blocks = decoder_layers(model, get_architecture(model))
+    cap = capture_block_inputs(model, blocks, list(random_ids(4, 24).split(cfg.batch_size)))
+    reports = calibrate_blocks(blocks, cap, SPEC, cfg, RT, store, on_block)
+    return model, blocks, reports
+
+
+def test_block_loop_lowers_the_block_error_below_rtn(family):
+    torch.manual_seed(0)
+    _, _, rtn = _run(family, CalibConfig(method="rtn", nsamples=4, seqlen=24))
+    _, blocks, omni = _run(family, CalibConfig(epochs=6, nsamples=4, seqlen=24, lwc_lr=5e-2))
+    for r in omni:
+        assert r.loss_after < r.loss_before
+        assert len(r.epoch_losses) == 6 and r.epoch_losses[-1] < r.epoch_losses[0]
+    assert omni[0].loss_after < rtn[0].loss_after
+    assert sum(r.loss_after for r in omni) < sum(r.loss_after for r in rtn)
+    for r in rtn:
+        assert r.loss_before == r.loss_after and r.epoch_losses == []
+    # folded: plain weights (no parametrization left) that lie on a 3-bit grid per group
+    for linear in block_linears(blocks[1]).values():
+        assert type(linear).__name__ == "Linear" and not linear.weight.requires_grad
+        groups = to_groups(linear.weight, 16)
+        assert max(groups[r, c].unique().numel() for r in range(4) for c in range(groups.shape[1])) <= 8
+
+
+def test_block_loss_token_normalized_weighs_tokens_equally():
+    target = torch.ones(1, 3, 4)
+    target[0, 0] *= 1000  # a massive first-token activation
+    out = target.clone()
+    out[0, 0] += 10  # error of 1% on the huge token
+    out[0, 1] += 1  # error of 100% on a normal token
+    mse = block_loss(out, target, "mse")
+    assert mse > 20  # dominated by the huge token
+    norm = block_loss(out, target, "token-normalized")
+    assert norm == pytest.approx((1e-4 + 1.0 + 0.0) / 3, rel=1e-4)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    cfg = CalibConfig(epochs=2, nsamples=4, seqlen=24, batch_size=2)
+    whole, _, reports = _run("llama", cfg, StateStore(tmp_path / "a"))
+
+    def stop_after_first(report):
+        if report.index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run("llama", cfg, StateStore(tmp_path / "b"), stop_after_first)
+    assert StateStore(tmp_path / "b").completed() == 1
+    resumed, _, resumed_reports = _run("llama", cfg, StateStore(tmp_path / "b"))
+    for (name, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(p, q), name
+    assert [r.loss_after for r in reports] == [r.loss_after for r in resumed_reports]
+
+
+def _nan_on_calls(linear, calls):
+    count = {"n": 0}
+
+    def hook(module, args, output):
+        count["n"] += 1
+        return output * float("nan") if count["n"] in calls else output
+
+    return linear.register_forward_hook(hook)
+
+
+def test_a_nan_loss_restores_parameters_halves_the_rate_and_retries():
+    model = tiny_model("llama")
+    blocks = decoder_layers(model, get_architecture(model))
+    cap = capture_block_inputs(model, blocks, list(random_ids(4, 24).split(1)))
+    # calls: 1-4 targets, 5-8 "before" pass, 9+ training steps
+    handle = _nan_on_calls(blocks[0].mlp.down_proj, {10})
+    cfg = CalibConfig(epochs=2, nsamples=4, seqlen=24)
+    reports = calibrate_blocks(blocks, cap, SPEC, cfg, RT)
+    handle.remove()
+    assert reports[0].nan_events == 1 and reports[0].final_lr_scale == 0.5
+    assert reports[1].nan_events == 0
+    for linear in block_linears(blocks[0]).values():
+        assert torch.isfinite(linear.weight).all()
+
+
+def test_a_loss_that_stays_nan_raises_a_clear_error():
+    model = tiny_model("llama")
+    blocks = decoder_layers(model, get_architecture(model))
+    cap = capture_block_inputs(model, blocks, list(random_ids(2, 16).split(1)))
+    _nan_on_calls(blocks[0].mlp.down_proj, set(range(5, 1000)))
+    cfg = CalibConfig(epochs=2, nsamples=2, seqlen=16, max_nan_retries=3)
+    with pytest.raises(CalibrationError, match="non-finite after 3 retries"):
+        calibrate_blocks(blocks, cap, SPEC, cfg, RT)
