@@ -50,6 +50,7 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             nsamples=a.nsamples,
             seqlen=a.seqlen,
             lwc_lr=a.lwc_lr,
+            weight_lr=a.weight_lr,
             loss=a.loss,
             aug_loss=a.aug_loss,
             batch_size=a.batch_size,
@@ -66,6 +67,7 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             seqlen=a.seqlen,
             epochs=a.epochs if method == "omniquant" else 0,
             lwc_lr=a.lwc_lr,
+            weight_lr=a.weight_lr,
             loss=a.loss,
             aug_loss=a.aug_loss,
             dtype=a.dtype,
@@ -107,6 +109,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lwc-lr", type=float, default=1e-2)
+    p.add_argument("--weight-lr", type=float, default=0.0)
     p.add_argument("--loss", default="mse", choices=["mse", "token-normalized"])
     p.add_argument("--aug-loss", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

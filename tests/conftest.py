@@ -15,7 +15,7 @@ HIDDEN = 64
 VOCAB = 256
 
 
-def tiny_config(family: str):  # noqa: ANN201 - a transformers config
+def tiny_config(family: str):
     """A 2-block config with hidden size 64 for one registered family."""
     import transformers as t
 
@@ -23,7 +23,10 @@ def tiny_config(family: str):  # noqa: ANN201 - a transformers config
         vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256, initializer_range=0.2
     )
     llama_like = dict(
-        hidden_size=HIDDEN, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         **common,
     )
     if family == "llama":
@@ -36,23 +39,35 @@ def tiny_config(family: str):  # noqa: ANN201 - a transformers config
         return t.Qwen3Config(**llama_like, head_dim=16)
     if family == "gemma3":
         return t.Gemma3TextConfig(
-            **llama_like, head_dim=16, sliding_window=8, layer_types=["sliding_attention",
-                                                                      "full_attention"],
+            **llama_like,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
         )
     if family == "phi3":
         return t.Phi3Config(**llama_like, pad_token_id=0)
     if family == "opt":
         return t.OPTConfig(
-            hidden_size=HIDDEN, ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=HIDDEN,
-            vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256, init_std=0.2,
+            hidden_size=HIDDEN,
+            ffn_dim=96,
+            num_attention_heads=4,
+            word_embed_proj_dim=HIDDEN,
+            vocab_size=VOCAB,
+            num_hidden_layers=2,
+            max_position_embeddings=256,
+            init_std=0.2,
         )
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "opt"]
 CLASS_OF = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "opt": "OPTForCausalLM",
 }
 
@@ -98,23 +113,29 @@ def smollm2_folder() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_folder: Path):  # noqa: ANN201
+def tokenizer(smollm2_folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_folder)
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # noqa: ANN001
+def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     """A saved tiny Llama (GQA) with the SmolLM2 tokenizer's vocabulary, for API and CLI tests."""
     import transformers as t
 
     folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     torch.manual_seed(0)
     cfg = t.LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)

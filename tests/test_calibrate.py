@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests.conftest import random_ids, tiny_model
 
 from omniquant.calibrate import Runtime, StateStore, block_loss, calibrate_blocks
 from omniquant.capture import capture_block_inputs
@@ -7,7 +8,6 @@ from omniquant.config import CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError
 from omniquant.models import block_linears, decoder_layers, get_architecture
 from omniquant.quant.primitives import to_groups
-from tests.conftest import random_ids, tiny_model
 
 SPEC = WeightQuant(bits=3, group_size=16)
 RT = Runtime(progress=False)
@@ -36,7 +36,10 @@ def test_block_loop_lowers_the_block_error_below_rtn(family):
     for linear in block_linears(blocks[1]).values():
         assert type(linear).__name__ == "Linear" and not linear.weight.requires_grad
         groups = to_groups(linear.weight, 16)
-        assert max(groups[r, c].unique().numel() for r in range(4) for c in range(groups.shape[1])) <= 8
+        assert (
+            max(groups[r, c].unique().numel() for r in range(4) for c in range(groups.shape[1]))
+            <= 8
+        )
 
 
 def test_block_loss_token_normalized_weighs_tokens_equally():
@@ -63,8 +66,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         _run("llama", cfg, StateStore(tmp_path / "b"), stop_after_first)
     assert StateStore(tmp_path / "b").completed() == 1
     resumed, _, resumed_reports = _run("llama", cfg, StateStore(tmp_path / "b"))
-    for (name, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items(),
-                                 strict=True):
+    for (name, p), (_, q) in zip(
+        whole.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
         assert torch.equal(p, q), name
     assert [r.loss_after for r in reports] == [r.loss_after for r in resumed_reports]
 

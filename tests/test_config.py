@@ -24,9 +24,15 @@ def test_activation_bits(bits):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"epochs": -1}, "epochs"), ({"nsamples": 0}, "nsamples"), ({"seqlen": 1}, "seqlen"),
-     ({"nsamples": 10, "batch_size": 4}, "multiple"), ({"lwc_lr": 0}, "lwc_lr"),
-     ({"method": "gptq"}, "method"), ({"loss": "l1"}, "loss")],
+    [
+        ({"epochs": -1}, "epochs"),
+        ({"nsamples": 0}, "nsamples"),
+        ({"seqlen": 1}, "seqlen"),
+        ({"nsamples": 10, "batch_size": 4}, "multiple"),
+        ({"lwc_lr": 0}, "lwc_lr"),
+        ({"method": "gptq"}, "method"),
+        ({"loss": "l1"}, "loss"),
+    ],
 )
 def test_calibration_settings_are_validated(kwargs, match):
     with pytest.raises(ConfigError, match=match):

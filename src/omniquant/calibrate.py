@@ -1,7 +1,7 @@
 """The block loop: OmniQuant's block-wise error minimization.
 
 For each decoder block l, in order:
-  1. targets   F(W, X_fp) — the float block on the float chain's inputs (and F(W, X_q) for aug_loss);
+  1. targets   F(W, X_fp): the float block on the float chain's inputs (and F(W, X_q) for aug_loss);
   2. attach    a quantizer to every linear of the block (LWC as a weight parametrization);
   3. train     AdamW on the quantizer parameters, loss between F(Q(W), X_q) and the targets;
   4. fold      the weights become their dequantized quantized values, the quantizers go away;
@@ -57,7 +57,7 @@ class BlockReport:
 class Runtime:
     """Where and in which precision the block loop runs."""
 
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_dtype: torch.dtype | None = None  # None: plain float32
     progress: bool = True
 
@@ -96,7 +96,7 @@ def attach_quantizers(block: nn.Module, spec: WeightQuant, cfg: CalibConfig) -> 
         q = LWC(linear.out_features, linear.in_features, spec, learnable, cfg.lwc_init)
         q.to(linear.weight.device)
         parametrize.register_parametrization(linear, "weight", q, unsafe=True)
-        linear.parametrizations.weight.original.requires_grad_(False)
+        linear.parametrizations.weight.original.requires_grad_(cfg.trains and cfg.weight_lr > 0)
         quantizers[name] = q
     return quantizers
 
@@ -112,19 +112,34 @@ def fold_quantizers(block: nn.Module) -> None:
             linear.weight.requires_grad_(False)
 
 
-def quantizer_state(quantizers: dict[str, LWC]) -> dict[str, dict[str, torch.Tensor]]:
-    """The learned parameters of a block's quantizers, on the CPU."""
-    return {
-        name: {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
-        for name, q in quantizers.items()
-    }
+def _original(block: nn.Module, name: str) -> nn.Parameter:
+    """The float weight under a linear's quantizer parametrization."""
+    return block.get_submodule(name).parametrizations.weight.original
 
 
+def quantizer_state(
+    block: nn.Module, quantizers: dict[str, LWC]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """What a block learned, on the CPU: each quantizer's parameters, and the float weight
+    where it was trained too."""
+    state = {}
+    for name, q in quantizers.items():
+        entry = {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
+        if _original(block, name).requires_grad:
+            entry["weight"] = _original(block, name).detach().cpu().clone()
+        state[name] = entry
+    return state
+
+
+@torch.no_grad()
 def load_quantizer_state(
-    quantizers: dict[str, LWC], state: dict[str, dict[str, torch.Tensor]]
+    block: nn.Module, quantizers: dict[str, LWC], state: dict[str, dict[str, torch.Tensor]]
 ) -> None:
     for name, q in quantizers.items():
-        q.load_state_dict(state[name])
+        entry = dict(state[name])
+        if "weight" in entry:
+            _original(block, name).copy_(entry.pop("weight"))
+        q.load_state_dict(entry)
 
 
 # ---------------------------------------------------------------- running a block
@@ -152,7 +167,8 @@ def run_block_all(
 
 @torch.no_grad()
 def mean_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], weighting: str) -> float:
-    return sum(block_loss(o, t, weighting).item() for o, t in zip(outputs, targets)) / len(outputs)
+    pairs = zip(outputs, targets, strict=True)
+    return sum(block_loss(o, t, weighting).item() for o, t in pairs) / len(outputs)
 
 
 # ---------------------------------------------------------------- training one block
@@ -165,10 +181,15 @@ class _TrainState:
 
 
 def _optimizer(
-    quantizers: dict[str, LWC], cfg: CalibConfig, lr_scale: float
+    block: nn.Module, quantizers: dict[str, LWC], cfg: CalibConfig, lr_scale: float
 ) -> torch.optim.Optimizer:
-    params = [p for q in quantizers.values() for p in q.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": params, "lr": cfg.lwc_lr * lr_scale}], weight_decay=cfg.wd)
+    """AdamW over the LWC parameters (and the block's weights when `weight_lr` > 0)."""
+    lwc = [p for q in quantizers.values() for p in q.parameters() if p.requires_grad]
+    groups = [{"params": lwc, "lr": cfg.lwc_lr * lr_scale}]
+    weights = [_original(block, n) for n in quantizers if _original(block, n).requires_grad]
+    if weights:
+        groups.append({"params": weights, "lr": cfg.weight_lr * lr_scale, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, weight_decay=cfg.wd)
 
 
 def train_block(
@@ -188,7 +209,7 @@ def train_block(
     retries the batch, at most `cfg.max_nan_retries` times per block.
     """
     state = _TrainState()
-    opt = _optimizer(quantizers, cfg, state.lr_scale)
+    opt = _optimizer(block, quantizers, cfg, state.lr_scale)
     params = [p for group in opt.param_groups for p in group["params"]]
     good = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(seed)
@@ -211,7 +232,7 @@ def train_block(
                 if finite:
                     opt.step()
                     with torch.no_grad():
-                        for g, p in zip(good, params):
+                        for g, p in zip(good, params, strict=True):
                             g.copy_(p)
                     total += loss.item()
                     break
@@ -227,9 +248,9 @@ def train_block(
                     state.lr_scale,
                 )
                 with torch.no_grad():
-                    for g, p in zip(good, params):
+                    for g, p in zip(good, params, strict=True):
                         p.copy_(g)
-                opt = _optimizer(quantizers, cfg, state.lr_scale)
+                opt = _optimizer(block, quantizers, cfg, state.lr_scale)
                 params = [p for group in opt.param_groups for p in group["params"]]
         epoch_losses.append(total / len(inputs_q))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
@@ -322,13 +343,13 @@ def calibrate_blocks(
             )
             quantizers = attach_quantizers(block, spec, cfg)
             if saved is not None:
-                load_quantizer_state(quantizers, saved[0])
+                load_quantizer_state(block, quantizers, saved[0])
                 report = saved[1]
             else:
                 report = _train_and_report(
                     i, block, quantizers, inputs_q, targets, aug, extra, cfg, runtime
                 )
-            params = quantizer_state(quantizers)
+            params = quantizer_state(block, quantizers)
             fold_quantizers(block)
             outputs_q = run_block_all(block, inputs_q, extra, runtime)
         if saved is None:

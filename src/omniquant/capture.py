@@ -2,7 +2,8 @@
 
 Every block of the model is swapped for a `_Recorder` that stores its positional and keyword
 arguments (attention mask, rotary tables, position ids, cache position, ...) and passes the hidden
-state through unchanged; the model's own forward then builds every argument for every block (Gemma 3's
+state through unchanged; the model's own forward then builds every argument for every block
+(Gemma 3's
 sliding-window layers get their own mask and rotary table this way), and the last recorder stops the
 forward before the final norm and lm_head run. Only block 0's hidden-state input is kept per batch;
 the other arguments depend on the sequence shape only, so they are kept from the first batch.
@@ -11,6 +12,7 @@ Everything captured lives on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,10 +145,8 @@ def capture_block_inputs(
     move_outside_blocks(model, blocks, device)
     try:
         for ids in batches:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block

@@ -126,6 +126,13 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--let-lr", type=float, default=d.let_lr, help=f"LET learning rate (default {d.let_lr})"
     )
+    p.add_argument(
+        "--weight-lr",
+        type=float,
+        default=d.weight_lr,
+        help="also train each block's float weights at this learning rate (0 = off, "
+        "plain OmniQuant; >0 = block-wise weight fine-tuning, as in EfficientQAT)",
+    )
     p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
     p.add_argument(
         "--aug-loss",

@@ -1,7 +1,8 @@
 """Frozen, validated configuration records.
 
 `WeightQuant` and `ActQuant` say *what* the quantized model looks like; `CalibConfig` says *how* the
-quantization parameters are learned; `OmniQuantConfig` bundles the three and round-trips through JSON
+quantization parameters are learned; `OmniQuantConfig` bundles the three and round-trips
+through JSON
 (it is what `omniquant.json` stores).
 """
 
@@ -25,7 +26,8 @@ class WeightQuant:
     """Uniform affine weight quantization.
 
     bits: 2..8. group_size: None for one scale/zero point per output row, else g consecutive input
-    channels of a row share them (a ragged last group holds the remainder). symmetric: signed grid with
+    channels of a row share them (a ragged last group holds the remainder).
+    symmetric: signed grid with
     zero point 0 instead of the asymmetric min-max grid.
     """
 
@@ -89,6 +91,7 @@ class CalibConfig:
     lwc_lr: float = 1e-2
     let_lr: float = 5e-3
     wd: float = 0.0
+    weight_lr: float = 0.0
     aug_loss: bool = False
     loss: LossWeighting = "mse"
     calib_dataset: str = "austen:prideprejudice"
@@ -116,8 +119,8 @@ class CalibConfig:
         for name in ("lwc_lr", "let_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.wd < 0:
-            raise ConfigError(f"wd must be >= 0, got {self.wd}")
+        if self.wd < 0 or self.weight_lr < 0:
+            raise ConfigError(f"wd and weight_lr must be >= 0, got {self.wd}, {self.weight_lr}")
 
     @property
     def trains(self) -> bool:

@@ -345,10 +345,8 @@ def _decompress_record(record: bytes) -> bytes:
 def _read_rdx(rdx: Path) -> dict[str, tuple[int, int]]:
     """The ``variables`` index of a lazy-load database: object name -> (offset, length)."""
     raw = rdx.read_bytes()
-    if raw[:2] == b"\x1f\x8b":  # saveRDS-style gzip file (what Debian ships)
-        payload = gzip.decompress(raw)
-    else:
-        payload = _decompress_record(raw)
+    gzipped = raw[:2] == b"\x1f\x8b"  # saveRDS-style gzip file (what Debian ships)
+    payload = gzip.decompress(raw) if gzipped else _decompress_record(raw)
     index = _unserialize(payload)
     if not isinstance(index, _RObject) or index.sexptype != _VECSXP:
         raise DataError(f"{rdx} is not an R lazy-load index (a named list)")

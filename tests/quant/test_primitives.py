@@ -22,8 +22,10 @@ def test_round_ste_rounds_forward_and_passes_gradient():
     assert torch.equal(x.grad, torch.ones(4))
 
 
-@pytest.mark.parametrize("in_f,g,expected", [(576, 128, 5), (576, 64, 9), (576, None, 1),
-                                             (576, 576, 1), (100, 1000, 1), (10, 3, 4)])
+@pytest.mark.parametrize(
+    "in_f,g,expected",
+    [(576, 128, 5), (576, 64, 9), (576, None, 1), (576, 576, 1), (100, 1000, 1), (10, 3, 4)],
+)
 def test_num_groups_holds_a_ragged_remainder(in_f, g, expected):
     assert num_groups(in_f, g) == expected
 

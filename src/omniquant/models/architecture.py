@@ -1,8 +1,9 @@
 """What omniquant needs to know about a decoder family, as data.
 
-An `Architecture` names, by dotted module paths, where the decoder blocks, embeddings, final norm and
-lm_head live in the Hugging Face model, and, inside one block, which norm feeds which linears and which
-projections are q/k/v/o. Every `nn.Linear` inside a block is quantized; nothing outside the blocks is,
+An `Architecture` names, by dotted module paths, where the decoder blocks, embeddings, final norm
+and lm_head live in the Hugging Face model, and, inside one block, which norm feeds which linears
+and which projections are q/k/v/o. Every `nn.Linear` inside a block is quantized; nothing outside
+the blocks is,
 unless asked. No decoder code is copied: calibration runs the model's own block.
 """
 

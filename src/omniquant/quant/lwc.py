@@ -1,7 +1,8 @@
 """Learnable Weight Clipping (LWC).
 
 Each group of a weight (each output row, or each g input channels of a row) learns two logits a, b;
-the clipping strengths γ = sigmoid(a) and β = sigmoid(b) scale the group's max and min before min-max
+the clipping strengths γ = sigmoid(a) and β = sigmoid(b) scale the group's max and min
+before min-max
 quantization (see `primitives.minmax_params`). a = b = 4.0 at initialisation, so γ = β ≈ 0.982.
 With `learnable=False` the strengths stay at 1 and the module is plain round-to-nearest.
 """
@@ -57,7 +58,10 @@ class LWC(nn.Module):
         return torch.sigmoid(self.upper_logit), torch.sigmoid(self.lower_logit)
 
     def _grouped(self, weight: torch.Tensor) -> _Grouped:
-        """The frozen weight as float32 groups and their ranges, computed once per weight."""
+        """The weight as float32 groups and their ranges; cached while the weight is frozen."""
+        if weight.requires_grad:  # the weight itself trains: groups must carry its gradient
+            wg = to_groups(weight.float(), self.spec.group_size)
+            return _Grouped(wg, wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True))
         key = (weight.data_ptr(), weight._version, weight.device)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():

@@ -1,7 +1,8 @@
 """Uniform affine quantization primitives: pure, typed tensor functions.
 
 A weight of shape (out, in) is viewed as groups of `g` consecutive input channels per output row,
-shape (out, n_groups, g). When g does not divide `in`, the last group of each row holds the remainder;
+shape (out, n_groups, g). When g does not divide `in`, the last group of each row holds
+the remainder;
 it is padded up to g by repeating its own last column, which leaves its min and max unchanged, and
 the padding is dropped afterwards. Per-channel quantization is the case g = in (one group per row).
 
@@ -89,7 +90,7 @@ def range_params(
     xmax: torch.Tensor, xmin: torch.Tensor, bits: int, symmetric: bool = False
 ) -> AffineParams:
     """Scale and zero point that map [xmin, xmax] onto the integer grid."""
-    qmin, qmax = qrange(bits, symmetric)
+    _qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         absmax = torch.maximum(xmax.abs(), xmin.abs())
         scale = (absmax / qmax).clamp(min=SCALE_MIN)
@@ -139,7 +140,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     Gradients (round is the identity for the gradient; clamp passes it inside [qmin, qmax]):
       in range m:   d out / d scale = round(w/h) - w/h,   d out / d zero = 0
       clipped:      d out / d scale = q - z,              d out / d zero = -h
-    The weight itself is frozen during calibration and gets no gradient.
+      d out / d w = 1 in range, 0 where clipped (only computed when the weight trains).
     """
 
     @staticmethod
@@ -169,13 +170,14 @@ class _FakeQuantSTE(torch.autograd.Function):
         g_zero = None
         if ctx.needs_input_grad[2]:
             g_zero = -scale * (grad * clipped).sum(dim=-1, keepdim=True)
-        return None, g_scale, g_zero, None, None
+        g_w = grad.masked_fill(clipped, 0.0) if ctx.needs_input_grad[0] else None
+        return g_w, g_scale, g_zero, None, None
 
 
 def fake_quantize_grouped(
     wg: torch.Tensor, p: AffineParams, bits: int, symmetric: bool = False
 ) -> torch.Tensor:
-    """Fast fake quantization of frozen grouped weights (out, n_groups, g) with given parameters;
-    gradients reach the scale and zero point only."""
+    """Fast fake quantization of grouped weights (out, n_groups, g) with given parameters;
+    STE gradients reach the scale, the zero point and (when it requires grad) the weight."""
     qmin, qmax = qrange(bits, symmetric)
     return _FakeQuantSTE.apply(wg, p.scale, p.zero, qmin, qmax)

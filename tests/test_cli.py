@@ -1,0 +1,98 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tests.conftest import needs_austen
+
+FLAGS = [
+    "--wbits",
+    "--abits",
+    "--group-size",
+    "--lwc",
+    "--let",
+    "--epochs",
+    "--nsamples",
+    "--seqlen",
+    "--calib-dataset",
+    "--lwc-lr",
+    "--let-lr",
+    "--wd",
+    "--aug-loss",
+    "--seed",
+    "--device",
+    "--dtype",
+    "--output",
+    "--resume",
+    "--method",
+    "--model",
+    "--batch-size",
+]
+
+
+def omniquant(*args, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "omniquant", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_quantize_help_explains_every_flag():
+    out = omniquant("quantize", "--help").stdout
+    for flag in FLAGS:
+        assert flag in out, flag
+    assert "round-to-nearest" in out and "weight bits" in out
+
+
+def test_bad_bits_exit_with_a_message():
+    proc = omniquant("quantize", "--wbits", "9", "--output", "/tmp/never", check=False)
+    assert proc.returncode == 2 and "weight bits must be an integer from 2 to 8" in proc.stderr
+    assert not os.path.exists("/tmp/never")
+
+
+def test_missing_model_exits_with_a_message(tmp_path):
+    proc = omniquant("eval", str(tmp_path / "missing"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+@needs_austen
+def test_quantize_then_eval_through_the_cli(tiny_llama_folder, tmp_path):
+    out = tmp_path / "q"
+    proc = omniquant(
+        "quantize",
+        "--model",
+        str(tiny_llama_folder),
+        "--wbits",
+        "3",
+        "--group-size",
+        "32",
+        "--epochs",
+        "1",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--output",
+        str(out),
+        "--eval",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+        "--quiet",
+    )
+    assert "W3A16g32 omniquant: 2 blocks" in proc.stdout
+    ppl_after = float(proc.stdout.strip().splitlines()[-1].split(":")[-1])
+    assert json.loads((out / "omniquant.json").read_text())["setting"] == "W3A16g32"
+    proc = omniquant("eval", str(out), "--eval-seqlen", "32", "--eval-windows", "2", "--quiet")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["perplexity"] == pytest.approx(
+        ppl_after, rel=1e-4
+    )
