@@ -54,8 +54,9 @@ def test_block_loss_token_normalized_weighs_tokens_equally():
     assert norm == pytest.approx((1e-4 + 1.0 + 0.0) / 3, rel=1e-4)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    cfg = CalibConfig(epochs=2, nsamples=4, seqlen=24, batch_size=2)
+@pytest.mark.parametrize("weight_lr", [0.0, 1e-3])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, weight_lr):
+    cfg = CalibConfig(epochs=2, nsamples=4, seqlen=24, batch_size=2, weight_lr=weight_lr)
     whole, _, reports = _run("llama", cfg, StateStore(tmp_path / "a"))
 
     def stop_after_first(report):
@@ -71,6 +72,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     ):
         assert torch.equal(p, q), name
     assert [r.loss_after for r in reports] == [r.loss_after for r in resumed_reports]
+
+
+def test_weight_training_changes_weights_beyond_clipping_and_lowers_the_error():
+    cfg = CalibConfig(epochs=4, nsamples=4, seqlen=24, lwc_lr=5e-2)
+    _, _, lwc_only = _run("llama", cfg)
+    _, _, trained = _run("llama", CalibConfig(**{**cfg.__dict__, "weight_lr": 2e-3}))
+    assert sum(r.loss_after for r in trained) < sum(r.loss_after for r in lwc_only)
 
 
 def _nan_on_calls(linear, calls):

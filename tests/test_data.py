@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omniquant import data
+from omniquant import austen as data
 from omniquant.data import (
     AUSTEN_NOVELS,
     AUSTEN_RDB,

@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OmniQuant (LWC) and print float / RTN / OmniQuant perplexity.",
     )
     _add_quant_flags(demo)
-    demo.set_defaults(group_size=128, epochs=2, nsamples=32, seqlen=512, loss="token-normalized")
+    demo.set_defaults(group_size=128, epochs=2, nsamples=32, seqlen=512)
     _add_eval_data(demo)
     _add_runtime(demo)
     return parser

@@ -79,22 +79,23 @@ def test_eight_bit_error_is_small_and_two_bit_error_is_large():
 @pytest.mark.parametrize("group", [None, 16, 24])
 def test_fused_fake_quant_matches_the_reference_composition_with_gradients(group):
     torch.manual_seed(0)
-    w = torch.randn(6, 40)
+    w = torch.randn(6, 40, requires_grad=True)
     a = torch.full((6, num_groups(40, group), 1), 1.5, requires_grad=True)
     b = torch.full((6, num_groups(40, group), 1), 0.5, requires_grad=True)
     # clip hard so that both branches (in range / clipped) of the gradient are exercised
     up, lo = torch.sigmoid(a), torch.sigmoid(b)
     ref = fake_quantize(w, 3, group, False, up, lo)
     grad_out = torch.randn_like(ref)
-    ga_ref, gb_ref = torch.autograd.grad((ref * grad_out).sum(), [a, b])
+    ga_ref, gb_ref, gw_ref = torch.autograd.grad((ref * grad_out).sum(), [a, b, w])
 
     wg = to_groups(w, group)
     p = minmax_params(wg, 3, False, torch.sigmoid(a), torch.sigmoid(b))
     fused = from_groups(fake_quantize_grouped(wg, p, 3), 40)
-    ga, gb = torch.autograd.grad((fused * grad_out).sum(), [a, b])
+    ga, gb, gw = torch.autograd.grad((fused * grad_out).sum(), [a, b, w])
     assert torch.allclose(fused, ref, atol=1e-6)
     assert torch.allclose(ga, ga_ref, atol=1e-5)
     assert torch.allclose(gb, gb_ref, atol=1e-5)
+    assert torch.allclose(gw, gw_ref, atol=1e-5)  # the weight's own STE gradient (weight training)
     assert ga.abs().sum() > 0 and gb.abs().sum() > 0
 
 
