@@ -1,0 +1,41 @@
+"""CUDA checks (run by benchmarks/gpu_check.sh on a GPU machine; skipped without CUDA)."""
+
+import pytest
+import torch
+
+from omniquant.api import runtime_for
+from omniquant.calibrate import calibrate_blocks
+from omniquant.capture import capture_block_inputs
+from omniquant.config import CalibConfig, WeightQuant
+from omniquant.models import block_linears, decoder_layers, get_architecture
+from omniquant.quant.primitives import to_groups
+from tests.conftest import random_ids, tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
+def test_block_loop_on_cuda_with_bf16_autocast(family):
+    runtime = runtime_for("cuda", "auto", progress=False)
+    assert runtime.autocast_dtype == torch.bfloat16
+    cfg = CalibConfig(epochs=4, nsamples=4, seqlen=64, lwc_lr=5e-2)
+    spec = WeightQuant(3, 16)
+    results = {}
+    for method in ("rtn", "omniquant"):
+        model = tiny_model(family)
+        blocks = decoder_layers(model, get_architecture(model))
+        cap = capture_block_inputs(model, blocks, list(random_ids(4, 64).split(1)), "cuda")
+        c = CalibConfig(**{**cfg.__dict__, "method": method})
+        results[method] = calibrate_blocks(blocks, cap, spec, c, runtime)
+        # only one block at a time lived on the GPU: everything is back on the CPU
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        for linear in block_linears(blocks[0]).values():
+            assert linear.weight.dtype == torch.float32 and torch.isfinite(linear.weight).all()
+            groups = to_groups(linear.weight, 16)
+            assert max(groups[0, c].unique().numel() for c in range(groups.shape[1])) <= 8
+    omni, rtn = results["omniquant"], results["rtn"]
+    assert all(r.loss_after < r.loss_before for r in omni)
+    assert sum(r.loss_after for r in omni) < sum(r.loss_after for r in rtn)
