@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Reproduces every austen-v1 row of the README, one heavy process at a time, appending to
+# benchmarks/results/austen.jsonl (delete it first for a clean table). Total: about 2 hours on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B="python3 benchmarks/austen.py"
+
+# float and RTN rows (2 threads)
+$B --threads 2 --methods float
+$B --threads 2 --methods rtn --settings W4A16,W4A16g128,W3A16g128,W2A16g128,W2A16g64
+
+# OmniQuant (LWC) at the reference code's budget: 32 x 512, 5 epochs, LWC lr 1e-2, batch 1.
+# W3A16g128 on 1 thread: the speed comparison with the reference code (1669 s on 1 thread).
+$B --threads 1 --methods omniquant --settings W3A16g128 --nsamples 32 --epochs 5
+$B --threads 2 --methods omniquant --settings W4A16,W4A16g128,W2A16g128,W2A16g64 --nsamples 32 --epochs 5
+
+# Best recipe (LWC + block-wise weight training), each within 30 minutes on 2 threads
+$B --threads 2 --methods omniquant --settings W4A16g128,W4A16,W3A16g128,W2A16g64 \
+   --nsamples 64 --epochs 4 --weight-lr 5e-4
