@@ -2,13 +2,13 @@ import json
 
 import pytest
 import torch
-from tests.conftest import needs_austen
 from transformers import AutoModelForCausalLM
 
 import omniquant
 from omniquant import api
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError, DataError, ModelError, OutputError
+from tests.conftest import needs_austen
 
 pytestmark = needs_austen
 FAST = CalibConfig(epochs=1, nsamples=2, seqlen=32)

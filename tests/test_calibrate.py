@@ -1,6 +1,5 @@
 import pytest
 import torch
-from tests.conftest import random_ids, tiny_model
 
 from omniquant.calibrate import Runtime, StateStore, block_loss, calibrate_blocks
 from omniquant.capture import capture_block_inputs
@@ -8,6 +7,7 @@ from omniquant.config import CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError
 from omniquant.models import block_linears, decoder_layers, get_architecture
 from omniquant.quant.primitives import to_groups
+from tests.conftest import random_ids, tiny_model
 
 SPEC = WeightQuant(bits=3, group_size=16)
 RT = Runtime(progress=False)

@@ -1,8 +1,8 @@
 import torch
-from tests.conftest import random_ids, tiny_model
 
 from omniquant.capture import capture_block_inputs
 from omniquant.models import decoder_layers, get_architecture, get_module
+from tests.conftest import random_ids, tiny_model
 
 
 def _final_norm_input(model, arch, ids):

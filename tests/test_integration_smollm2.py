@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tests.conftest import needs_austen
 from torch import nn
 
 from omniquant.api import calibration_batches
@@ -11,6 +10,7 @@ from omniquant.capture import capture_block_inputs
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.model_io import load_model
 from omniquant.models import decoder_layers, get_architecture
+from tests.conftest import needs_austen
 
 pytestmark = [needs_austen, pytest.mark.slow]
 

@@ -2,11 +2,11 @@ import logging
 
 import pytest
 import torch
-from tests.conftest import CLASS_OF, FAMILIES, tiny_model
 from torch import nn
 
 from omniquant.errors import ModelError
 from omniquant.models import REGISTRY, block_linears, decoder_layers, get_architecture, get_module
+from tests.conftest import CLASS_OF, FAMILIES, tiny_model
 
 
 def test_every_required_family_is_registered():
