@@ -82,9 +82,9 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
 
 def table(results: Path) -> str:
     lines = [
-        "| method | setting | nsamples × seqlen | epochs | loss | dtype | calib s | threads "
-        "| perplexity |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | setting | nsamples × seqlen | epochs | loss | weight lr | dtype | calib s "
+        "| threads | perplexity |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for line in results.read_text().splitlines():
         r = json.loads(line)
@@ -94,6 +94,7 @@ def table(results: Path) -> str:
         lines.append(
             f"| {r['method']} | {r['setting']} | {calib} | {r.get('epochs', '—')} "
             f"| {r.get('loss', '—') if r['method'] == 'omniquant' else '—'} "
+            f"| {r.get('weight_lr') or '—'} "
             f"| {r.get('dtype', 'float32')} | {r['calib_seconds']:.0f} | {r['threads']} "
             f"| {r['perplexity']:,.2f} |"
         )

@@ -16,4 +16,4 @@ $B --threads 2 --methods omniquant --settings W4A16,W4A16g128,W2A16g128,W2A16g64
 
 # Best recipe (LWC + block-wise weight training), each within 30 minutes on 2 threads
 $B --threads 2 --methods omniquant --settings W4A16g128,W4A16,W3A16g128,W2A16g64 \
-   --nsamples 64 --epochs 4 --weight-lr 5e-4
+   --nsamples 32 --epochs 4 --weight-lr 1e-3

@@ -1,0 +1,199 @@
+"""Learnable Equivalent Transformation (LET): where it goes in a block, and how it folds.
+
+For a linear layer Y = X Wᵀ + B and a channel-wise scale s and shift δ of its input:
+    Y = [(X − δ) ⊘ s] · (s ⊙ W)ᵀ + (B + W δ)
+so the activation the linear sees, (X − δ) ⊘ s, is easier to quantize, and the scale moves into
+the weight. Four places in a decoder block, each an exact identity when folded:
+
+  norm → linears   the norm's weight (and bias) absorb 1/s (and −δ); every linear that reads the
+                   norm's output takes s on its input columns and B + W δ on its bias. Shifts need
+                   a norm with a bias (LayerNorm); RMSNorm gets scales only.
+  v → o            v's output rows take 1/s, o's input columns take s. With grouped-query attention
+                   a KV head feeds several query heads: s has one value per (KV head, channel) and
+                   o's columns of every query head of that group take the same value.
+  q → k            Q·Kᵀ = (Q ⊘ s)(K ⊙ s)ᵀ: q's rows take 1/s, k's rows take s, per KV group. With
+                   rotary embeddings, channels i and i + head_dim/2 rotate together, so s takes
+                   equal values on each such pair (then the rotation commutes with the scale).
+  (o → down, the MLP's inner linear, is not transformed.)
+
+Where a transform cannot be exact for an architecture (per-head q/k norms, fused qkv, partial
+rotary), `let_sites` leaves that place out and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from omniquant.models.architecture import Architecture, NormKind, get_module
+
+log = logging.getLogger(__name__)
+
+SiteKind = Literal["norm", "vo", "qk"]
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Head layout of a block's attention."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rotary_dim: int  # channels per head that rotate (0 without rotary embeddings)
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+
+def attention_shape(config: object, arch: Architecture) -> AttentionShape:
+    """Read the head layout from a Hugging Face config."""
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    rotary = 0
+    if arch.rotary:
+        factor = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+        rotary = int(head_dim * factor)
+    return AttentionShape(n_heads, n_kv, head_dim, rotary)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place of a block where LET applies."""
+
+    kind: SiteKind
+    source: str  # the norm (kind "norm"), v_proj ("vo") or q_proj ("qk")
+    targets: tuple[str, ...]  # the linears that read it (o_proj / k_proj for vo / qk)
+    shift: bool = False
+
+
+def let_sites(arch: Architecture, shape: AttentionShape) -> tuple[list[Site], list[str]]:
+    """The exact LET places of a block of this architecture, and the reasons for those left out."""
+    sites: list[Site] = []
+    skipped: list[str] = []
+    shift = arch.norm_kind == "layernorm"
+    for norm, linears in ((arch.attn_norm, arch.qkv), (arch.mlp_norm, arch.mlp_in)):
+        if norm and linears:
+            sites.append(Site("norm", norm, linears, shift))
+    if arch.fused_qkv or not arch.o_proj or len(arch.qkv) != 3:
+        skipped.append(f"{arch.name}: v→o and q→k skipped: q, k and v are not separate linears")
+        return sites, skipped
+    q, k, v = arch.qkv
+    sites.append(Site("vo", v, (arch.o_proj,)))
+    if arch.qk_norm:
+        skipped.append(f"{arch.name}: q→k skipped: a per-head norm on q and k would undo the scale")
+    elif arch.rotary and shape.rotary_dim != shape.head_dim:
+        skipped.append(f"{arch.name}: q→k skipped: partial rotary embeddings")
+    else:
+        sites.append(Site("qk", q, (k,)))
+    return sites, skipped
+
+
+# ---------------------------------------------------------------- pure tensor maths
+
+
+def expand_kv(s_kv: torch.Tensor, group: int) -> torch.Tensor:
+    """(n_kv, d) per-KV-head values -> (n_kv * group * d,) for the query heads that read them."""
+    return s_kv.repeat_interleave(group, dim=0).reshape(-1)
+
+
+def rope_tied(s_half: torch.Tensor) -> torch.Tensor:
+    """(n_kv, d/2) -> (n_kv, d) with equal values on channels i and i + d/2 (rotary pairs)."""
+    return torch.cat([s_half, s_half], dim=-1)
+
+
+def fold_norm_weight(weight: torch.Tensor, s: torch.Tensor, kind: NormKind) -> torch.Tensor:
+    """The norm weight that makes the norm's output come out divided by s."""
+    if kind == "rms_offset":  # Gemma: x̂ · (1 + w)
+        return (1 + weight) / s - 1
+    return weight / s
+
+
+def fold_norm_bias(bias: torch.Tensor, s: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The norm bias that makes the norm's output come out as (out − δ) ⊘ s."""
+    return (bias - delta) / s
+
+
+def fold_input(
+    w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, delta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear (W (out, in), B) that reads (X − δ) ⊘ s instead of X: (W ⊙ s, B + W δ)."""
+    if delta is not None:
+        shifted = w @ delta  # (out,)
+        b = shifted if b is None else b + shifted
+    return w * s, b
+
+
+def fold_output(
+    w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear whose output comes out divided by s (per output row)."""
+    return w / s[:, None], None if b is None else b / s
+
+
+# ---------------------------------------------------------------- folding into modules
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    if value is None:
+        return
+    old = getattr(module, name)
+    if old is None:
+        setattr(module, name, nn.Parameter(value, requires_grad=False))
+    else:
+        old.data = value.to(old.dtype)
+
+
+@torch.no_grad()
+def fold_site(
+    block: nn.Module,
+    site: Site,
+    s: torch.Tensor,
+    delta: torch.Tensor | None,
+    arch: Architecture,
+    shape: AttentionShape,
+) -> None:
+    """Fold a scale (and shift) into the block's modules; the block computes the same function.
+
+    Shapes of s: "norm": (C,), "vo": (n_kv, head_dim), "qk": (n_kv, head_dim / 2).
+    """
+    src = get_module(block, site.source)
+    targets = [get_module(block, t) for t in site.targets]
+    if site.kind == "norm":
+        _set(src, "weight", fold_norm_weight(src.weight, s, arch.norm_kind))
+        if delta is not None:
+            _set(src, "bias", fold_norm_bias(src.bias, s, delta))
+        for lin in targets:
+            w, b = fold_input(lin.weight, lin.bias, s, delta)
+            _set(lin, "weight", w)
+            _set(lin, "bias", b)
+    elif site.kind == "vo":
+        w, b = fold_output(src.weight, src.bias, s.reshape(-1))
+        _set(src, "weight", w)
+        _set(src, "bias", b)
+        o = targets[0]
+        _set(o, "weight", o.weight * expand_kv(s, shape.group))
+    else:  # qk
+        s_full = rope_tied(s)  # (n_kv, head_dim)
+        w, b = fold_output(src.weight, src.bias, expand_kv(s_full, shape.group))
+        _set(src, "weight", w)
+        _set(src, "bias", b)
+        k = targets[0]
+        w, b = fold_output(k.weight, k.bias, 1 / s_full.reshape(-1))
+        _set(k, "weight", w)
+        _set(k, "bias", b)
+
+
+def site_shape(site: Site, block: nn.Module, shape: AttentionShape) -> tuple[int, ...]:
+    """Shape of the scale of a site."""
+    if site.kind == "norm":
+        return (get_module(block, site.targets[0]).in_features,)
+    if site.kind == "vo":
+        return (shape.n_kv_heads, shape.head_dim)
+    return (shape.n_kv_heads, shape.head_dim // 2)

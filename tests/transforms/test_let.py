@@ -1,0 +1,92 @@
+import copy
+
+import torch
+
+from omniquant.capture import capture_block_inputs
+from omniquant.models import decoder_layers, get_architecture
+from omniquant.transforms.let import (
+    attention_shape,
+    expand_kv,
+    fold_site,
+    let_sites,
+    rope_tied,
+    site_shape,
+)
+from tests.conftest import random_ids, tiny_model
+
+
+def _block_and_args(family):
+    model = tiny_model(family)
+    arch = get_architecture(model)
+    blocks = decoder_layers(model, arch)
+    cap = capture_block_inputs(model, blocks, [random_ids(2, 16)])
+    return model, arch, blocks[0], cap.hidden[0], cap.block_args[0]
+
+
+def _out(block, x, extra):
+    with torch.no_grad():
+        out = block(x, *extra.args, **extra.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_folded_random_scales_and_shifts_leave_every_family_block_unchanged(family):
+    model, arch, block, x, extra = _block_and_args(family)
+    shape = attention_shape(model.config, arch)
+    sites, skipped = let_sites(arch, shape)
+    assert any(s.kind == "norm" for s in sites)
+    folded = copy.deepcopy(block)
+    g = torch.Generator().manual_seed(1)
+    for site in sites:
+        dims = site_shape(site, block, shape)
+        s = torch.exp(0.5 * torch.randn(dims, generator=g))  # non-trivial positive scales
+        delta = 0.3 * torch.randn(dims, generator=g) if site.shift else None
+        fold_site(folded, site, s, delta, arch, shape)
+    ref, out = _out(block, x, extra), _out(folded, x, extra)
+    changed = [
+        k for k, v in folded.state_dict().items() if not torch.equal(v, block.state_dict()[k])
+    ]
+    assert len(changed) >= 4  # the weights really moved
+    rel = (out - ref).abs().max() / ref.abs().max()
+    assert rel < 1e-4, (family, rel.item(), [s.kind for s in sites])
+
+
+def test_sites_per_family_and_reasons():
+    expected = {
+        "llama": {"norm", "vo", "qk"},
+        "opt": {"norm", "vo", "qk"},
+        "qwen3": {"norm", "vo"},
+        "gemma3": {"norm", "vo"},
+        "phi3": {"norm"},
+    }
+    for family, kinds in expected.items():
+        model = tiny_model(family)
+        arch = get_architecture(model)
+        sites, skipped = let_sites(arch, attention_shape(model.config, arch))
+        assert {s.kind for s in sites} == kinds, family
+        assert len(skipped) == (0 if "qk" in kinds else 1), skipped
+        assert all(s.shift == (family == "opt") for s in sites if s.kind == "norm")
+
+
+def test_gqa_sharing_and_rotary_pairs():
+    s_kv = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # 2 KV heads, head_dim 2
+    # 4 query heads, 2 per KV head: heads 0, 1 read KV head 0
+    assert expand_kv(s_kv, 2).tolist() == [1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0]
+    tied = rope_tied(torch.tensor([[5.0, 6.0]]))
+    assert tied.tolist() == [[5.0, 6.0, 5.0, 6.0]]  # channel i pairs with i + d/2
+
+
+def test_an_untied_qk_scale_would_break_rotary_attention():
+    """Why the pairing matters: scaling rotary partners differently changes the block."""
+    model, arch, block, x, extra = _block_and_args("llama")
+    shape = attention_shape(model.config, arch)
+    site = next(s for s in let_sites(arch, shape)[0] if s.kind == "qk")
+    q, k = block.self_attn.q_proj, block.self_attn.k_proj
+    broken = copy.deepcopy(block)
+    s_full = torch.exp(torch.randn(shape.n_kv_heads, shape.head_dim))  # not tied
+    with torch.no_grad():
+        bq, bk = broken.self_attn.q_proj, broken.self_attn.k_proj
+        bq.weight.copy_(q.weight / expand_kv(s_full, shape.group)[:, None])
+        bk.weight.copy_(k.weight * s_full.reshape(-1)[:, None])
+    ref, out = _out(block, x, extra), _out(broken, x, extra)
+    assert (out - ref).abs().max() / ref.abs().max() > 1e-3
+    assert site.targets == ("self_attn.k_proj",)
