@@ -32,7 +32,7 @@ def _out(block, x, extra):
 def test_folded_random_scales_and_shifts_leave_every_family_block_unchanged(family):
     model, arch, block, x, extra = _block_and_args(family)
     shape = attention_shape(model.config, arch)
-    sites, skipped = let_sites(arch, shape)
+    sites, _ = let_sites(arch, shape)
     assert any(s.kind == "norm" for s in sites)
     folded = copy.deepcopy(block)
     g = torch.Generator().manual_seed(1)
