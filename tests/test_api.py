@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import omniquant
 from omniquant import api
-from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError, DataError, ModelError, OutputError
 from tests.conftest import needs_austen
 
@@ -125,6 +125,25 @@ def test_lm_head_is_untouched_unless_asked(tiny_llama_folder):
     assert torch.equal(q2.model.embed_tokens.weight, base.model.embed_tokens.weight)
 
 
-def test_unimplemented_settings_are_refused():
-    with pytest.raises(ConfigError, match="LET"):
-        api._check_supported(OmniQuantConfig(calib=CalibConfig(let=True)))
+@pytest.mark.parametrize("abits", [8, 4])
+def test_weight_activation_result_loads_back_with_its_activation_quantizers(
+    tiny_llama_folder, tmp_path, abits
+):
+    cfg = OmniQuantConfig(
+        WeightQuant(8 if abits == 8 else 4),
+        ActQuant(abits),
+        CalibConfig(let=True, epochs=1, nsamples=2, seqlen=32),
+    )
+    out = tmp_path / "wa"
+    result = omniquant.quantize(tiny_llama_folder, cfg, output=out, progress=False)
+    loaded, _ = omniquant.load(out)
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no activation quantizers
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        expected = result.model(ids).logits
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(plain(ids).logits, expected, atol=1e-5)
+    kw = {"seqlen": 32, "max_windows": 2, "progress": False}
+    assert omniquant.evaluate(out, **kw) == pytest.approx(
+        omniquant.evaluate(result.model, tokenizer=result.tokenizer, **kw), rel=1e-6
+    )

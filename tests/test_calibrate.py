@@ -3,22 +3,62 @@ import torch
 
 from omniquant.calibrate import Runtime, StateStore, block_loss, calibrate_blocks
 from omniquant.capture import capture_block_inputs
-from omniquant.config import CalibConfig, WeightQuant
+from omniquant.config import ActQuant, CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError
 from omniquant.models import block_linears, decoder_layers, get_architecture
 from omniquant.quant.primitives import to_groups
+from omniquant.transforms.let import attention_shape, plan_let
 from tests.conftest import random_ids, tiny_model
 
 SPEC = WeightQuant(bits=3, group_size=16)
 RT = Runtime(progress=False)
 
 
-def _run(family, cfg, store=None, on_block=None, seed=0):
+def _run(family, cfg, store=None, on_block=None, seed=0, act=None, spec=SPEC):
     model = tiny_model(family, seed=seed)
-    blocks = decoder_layers(model, get_architecture(model))
+    arch = get_architecture(model)
+    blocks = decoder_layers(model, arch)
     cap = capture_block_inputs(model, blocks, list(random_ids(4, 24).split(cfg.batch_size)))
-    reports = calibrate_blocks(blocks, cap, SPEC, cfg, RT, store, on_block)
+    plan = None
+    if cfg.let:
+        alpha = 0.75 if act is not None and act.enabled else None
+        plan = plan_let(arch, model.config, alpha, shifts=act is not None and act.enabled)
+    reports = calibrate_blocks(
+        blocks,
+        cap,
+        spec,
+        cfg,
+        RT,
+        store,
+        on_block,
+        act=act,
+        let_plan=plan,
+        arch=arch,
+        head_dim=attention_shape(model.config, arch).head_dim,
+    )
     return model, blocks, reports
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3"])
+def test_weight_activation_runs_fold_let_and_keep_activation_quantizers(family):
+    """W4A4 / W8A8 with LET: LET is folded into norms and linears (the norm weights move), the
+    activation quantizers stay on every block, and 8-bit errors are far below 4-bit ones."""
+    base = {"nsamples": 4, "seqlen": 24, "let": True, "epochs": 2, "let_lr": 2e-3}
+    losses = {}
+    for bits in (4, 8):
+        model, blocks, reports = _run(
+            family, CalibConfig(**base), act=ActQuant(bits), spec=WeightQuant(bits)
+        )
+        losses[bits] = sum(r.loss_after for r in reports)
+        original = tiny_model(family)
+        norm_name = get_architecture(model).attn_norm
+        moved = blocks[0].get_submodule(norm_name).weight
+        ref = decoder_layers(original, get_architecture(original))[0].get_submodule(norm_name)
+        assert not torch.allclose(moved, ref.weight)
+        assert all(len(getattr(b, "_omniquant_act_hooks", [])) >= 4 for b in blocks)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert all(type(m).__name__ != "ParametrizedLinear" for m in model.modules())
+    assert losses[8] < 0.1 * losses[4], losses
 
 
 def test_block_loop_lowers_the_block_error_below_rtn(family):
@@ -54,19 +94,20 @@ def test_block_loss_token_normalized_weighs_tokens_equally():
     assert norm == pytest.approx((1e-4 + 1.0 + 0.0) / 3, rel=1e-4)
 
 
-@pytest.mark.parametrize("weight_lr", [0.0, 1e-3])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, weight_lr):
-    cfg = CalibConfig(epochs=2, nsamples=4, seqlen=24, batch_size=2, weight_lr=weight_lr)
-    whole, _, reports = _run("llama", cfg, StateStore(tmp_path / "a"))
+@pytest.mark.parametrize("weight_lr,let", [(0.0, False), (1e-3, False), (0.0, True)])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, weight_lr, let):
+    cfg = CalibConfig(epochs=2, nsamples=4, seqlen=24, batch_size=2, weight_lr=weight_lr, let=let)
+    act = ActQuant(8) if let else None
+    whole, _, reports = _run("llama", cfg, StateStore(tmp_path / "a"), act=act)
 
     def stop_after_first(report):
         if report.index == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run("llama", cfg, StateStore(tmp_path / "b"), stop_after_first)
+        _run("llama", cfg, StateStore(tmp_path / "b"), stop_after_first, act=act)
     assert StateStore(tmp_path / "b").completed() == 1
-    resumed, _, resumed_reports = _run("llama", cfg, StateStore(tmp_path / "b"))
+    resumed, _, resumed_reports = _run("llama", cfg, StateStore(tmp_path / "b"), act=act)
     for (name, p), (_, q) in zip(
         whole.state_dict().items(), resumed.state_dict().items(), strict=True
     ):

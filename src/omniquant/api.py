@@ -25,7 +25,10 @@ from omniquant.errors import ConfigError, ModelError, OutputError
 from omniquant.eval.perplexity import perplexity
 from omniquant.model_io import load_model, save_model
 from omniquant.models import block_linears, decoder_layers, get_architecture, get_module
+from omniquant.models.architecture import Architecture
+from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
+from omniquant.transforms.let import LetPlan, attention_shape, plan_let
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +63,33 @@ def runtime_for(device: str, dtype: str = "auto", progress: bool = True) -> Runt
     return Runtime(device=dev, autocast_dtype=autocast, progress=progress)
 
 
-def _check_supported(config: OmniQuantConfig) -> None:
-    if config.act.enabled:
-        raise ConfigError(
-            "activation quantization (--abits < 16) is not implemented yet; use --abits 16"
-        )
-    if config.calib.let:
-        raise ConfigError("LET is not implemented yet; run without --let")
+def let_plan_for(model: nn.Module, arch: Architecture, config: OmniQuantConfig) -> LetPlan | None:
+    """The LET plan of a run: identity start for weight-only runs, SmoothQuant α otherwise."""
+    if not config.calib.let:
+        return None
+    if not (arch.qkv or arch.mlp_in):
+        raise ConfigError(f"LET needs a registered architecture; {arch.name} is not registered")
+    alpha = config.calib.let_alpha
+    if alpha is None and config.act.enabled:
+        alpha = 0.75 if config.act.bits <= 4 else 0.5
+    return plan_let(arch, model.config, alpha, shifts=config.act.enabled)
+
+
+def head_dim_of(model: nn.Module, arch: Architecture) -> int | None:
+    """Channels per attention head, where the architecture names its q/k/v projections."""
+    if len(arch.qkv) != 3:
+        return None
+    return attention_shape(model.config, arch).head_dim
+
+
+def attach_act_quantizers_all(model: nn.Module, config: OmniQuantConfig) -> None:
+    """Attach the activation quantizers of a weight-activation config to every block."""
+    if not config.act.enabled:
+        return
+    arch = get_architecture(model)
+    head_dim = head_dim_of(model, arch)
+    for block in decoder_layers(model, arch):
+        attach_act_quantizers(block, config.act, arch, head_dim)
 
 
 def _check_group_size(blocks: nn.ModuleList, config: OmniQuantConfig) -> None:
@@ -158,7 +181,6 @@ def quantize(
     the work lives in `<output>.partial` and `resume=True` continues it from the next block.
     """
     config = config or OmniQuantConfig()
-    _check_supported(config)
     runtime = runtime_for(device, dtype, progress)
     out = Path(output) if output is not None else None
     partial = _prepare_output(out, resume)
@@ -180,7 +202,18 @@ def quantize(
     t0 = time.perf_counter()
     try:
         captured = capture_block_inputs(model, blocks, batches, runtime.device)
-        reports = calibrate_blocks(blocks, captured, config.weight, config.calib, runtime, store)
+        reports = calibrate_blocks(
+            blocks,
+            captured,
+            config.weight,
+            config.calib,
+            runtime,
+            store,
+            act=config.act,
+            let_plan=let_plan_for(model, arch, config),
+            arch=arch,
+            head_dim=head_dim_of(model, arch),
+        )
     except BaseException:
         if partial is not None:
             if store.completed() == 0:
@@ -248,7 +281,7 @@ def evaluate(
 ) -> float:
     """Perplexity per the austen-v1 protocol (defaults) or on another text source."""
     if not isinstance(model, nn.Module):
-        model, tokenizer = load_model(model)
+        model, tokenizer = load(model)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: evaluate(model, tokenizer=...)")
     tokens = tokenize_text(tokenizer, load_text(dataset, split=EVAL_SPLITS.get(dataset, "train")))
@@ -260,7 +293,12 @@ def evaluate(
         model.to("cpu")
 
 
-def load(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
-    """Load a model folder written by `quantize` (or any HF model): (model, tokenizer)."""
+def load(path: str | os.PathLike[str] | None) -> tuple[nn.Module, Any]:
+    """Load a model folder written by `quantize` (or any model `load_model` takes):
+    (model, tokenizer), with its activation quantizers attached where the run had them."""
     model, tokenizer = load_model(path)
+    report = Path(str(path)) / REPORT_FILE if path is not None else None
+    if report is not None and report.is_file():
+        config = OmniQuantConfig.from_dict(json.loads(report.read_text())["config"])
+        attach_act_quantizers_all(model, config)
     return model, tokenizer

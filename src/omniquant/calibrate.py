@@ -29,10 +29,12 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from omniquant.capture import BlockArgs, CapturedInputs, map_tensors
-from omniquant.config import CalibConfig, WeightQuant
+from omniquant.config import ActQuant, CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError
-from omniquant.models.architecture import block_linears
+from omniquant.models.architecture import Architecture, block_linears
+from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
+from omniquant.transforms.let import ChannelStats, LetParams, LetPlan, attach_let, stats_hooks
 
 log = logging.getLogger(__name__)
 
@@ -89,57 +91,120 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, weighting: str) -> torch
 
 
 def attach_quantizers(block: nn.Module, spec: WeightQuant, cfg: CalibConfig) -> dict[str, LWC]:
-    """Register an LWC parametrization on every linear of the block; returns them by name."""
+    """Register an LWC parametrization on every linear of the block; returns them by name.
+
+    Registered after any LET parametrization, so LWC quantizes the transformed weight.
+    """
     learnable = cfg.method == "omniquant" and cfg.lwc
     quantizers: dict[str, LWC] = {}
     for name, linear in block_linears(block).items():
         q = LWC(linear.out_features, linear.in_features, spec, learnable, cfg.lwc_init)
-        q.to(linear.weight.device)
+        q.to(
+            _original(block, name).device
+            if parametrize.is_parametrized(linear, "weight")
+            else linear.weight.device
+        )
         parametrize.register_parametrization(linear, "weight", q, unsafe=True)
-        linear.parametrizations.weight.original.requires_grad_(cfg.trains and cfg.weight_lr > 0)
+        _original(block, name).requires_grad_(cfg.trains and cfg.weight_lr > 0)
         quantizers[name] = q
     return quantizers
 
 
 @torch.no_grad()
-def fold_quantizers(block: nn.Module) -> None:
-    """Replace each parametrized weight by its quantized value and drop the parametrization."""
-    for name, linear in block_linears(block).items():
-        if parametrize.is_parametrized(linear, "weight"):
-            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
-            if not torch.isfinite(linear.weight).all():
-                raise CalibrationError(f"non-finite weights after folding {name}")
-            linear.weight.requires_grad_(False)
+def fold_parametrizations(block: nn.Module) -> None:
+    """Replace every parametrized tensor of the block (LET-transformed norms, biases, quantized
+    weights) by its current value and drop the parametrizations."""
+    for name, module in block.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name in list(module.parametrizations.keys()):
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+            value = getattr(module, tensor_name)
+            if not torch.isfinite(value).all():
+                raise CalibrationError(f"non-finite {tensor_name} after folding {name}")
+            value.requires_grad_(False)
 
 
 def _original(block: nn.Module, name: str) -> nn.Parameter:
-    """The float weight under a linear's quantizer parametrization."""
+    """The float weight under a linear's parametrizations."""
     return block.get_submodule(name).parametrizations.weight.original
 
 
-def quantizer_state(
-    block: nn.Module, quantizers: dict[str, LWC]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """What a block learned, on the CPU: each quantizer's parameters, and the float weight
-    where it was trained too."""
-    state = {}
-    for name, q in quantizers.items():
-        entry = {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
-        if _original(block, name).requires_grad:
-            entry["weight"] = _original(block, name).detach().cpu().clone()
-        state[name] = entry
-    return state
+@dataclass
+class BlockQuant:
+    """What is attached to one block while it is calibrated: LWC per linear, LET (optional)."""
+
+    lwc: dict[str, LWC]
+    let: LetParams | None = None
+
+    def param_groups(
+        self, block: nn.Module, cfg: CalibConfig, lr_scale: float
+    ) -> list[dict[str, Any]]:
+        """AdamW groups: LWC, LET and (with `weight_lr` > 0) the block's float weights."""
+        lwc = [p for q in self.lwc.values() for p in q.parameters() if p.requires_grad]
+        groups = [{"params": lwc, "lr": cfg.lwc_lr * lr_scale}]
+        if self.let is not None and cfg.method == "omniquant":
+            groups.append({"params": list(self.let.parameters()), "lr": cfg.let_lr * lr_scale})
+        weights = [_original(block, n) for n in self.lwc if _original(block, n).requires_grad]
+        if weights:
+            groups.append({"params": weights, "lr": cfg.weight_lr * lr_scale, "weight_decay": 0.0})
+        return [g for g in groups if g["params"]]
+
+    def state(self, block: nn.Module) -> dict[str, Any]:
+        """What the block learned, on the CPU (for --resume)."""
+        lwc = {}
+        for name, q in self.lwc.items():
+            entry = {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
+            if _original(block, name).requires_grad:
+                entry["weight"] = _original(block, name).detach().cpu().clone()
+            lwc[name] = entry
+        let = None if self.let is None else {k: v.cpu() for k, v in self.let.state_dict().items()}
+        return {"lwc": lwc, "let": let}
+
+    @torch.no_grad()
+    def load(self, block: nn.Module, state: dict[str, Any]) -> None:
+        for name, q in self.lwc.items():
+            entry = dict(state["lwc"][name])
+            if "weight" in entry:
+                _original(block, name).copy_(entry.pop("weight"))
+            q.load_state_dict(entry)
+        if self.let is not None:
+            self.let.load_state_dict(state["let"])
+
+
+def attach_block_quant(
+    block: nn.Module,
+    spec: WeightQuant,
+    cfg: CalibConfig,
+    plan: LetPlan | None,
+    stats: dict[int, ChannelStats] | None,
+) -> BlockQuant:
+    """LET parametrizations first (started from activation statistics), then LWC."""
+    let = None
+    if plan is not None:
+        let = LetParams(plan, block).to(next(block.parameters()).device)
+        if stats:
+            let.init_from_stats(block, stats)
+        attach_let(block, let)
+    return BlockQuant(attach_quantizers(block, spec, cfg), let)
 
 
 @torch.no_grad()
-def load_quantizer_state(
-    block: nn.Module, quantizers: dict[str, LWC], state: dict[str, dict[str, torch.Tensor]]
-) -> None:
-    for name, q in quantizers.items():
-        entry = dict(state[name])
-        if "weight" in entry:
-            _original(block, name).copy_(entry.pop("weight"))
-        q.load_state_dict(entry)
+def gather_stats(
+    block: nn.Module,
+    plan: LetPlan,
+    inputs: list[torch.Tensor],
+    extra: BlockArgs,
+    runtime: Runtime,
+) -> dict[int, ChannelStats]:
+    """Per-channel input statistics of the LET norm sites on the given inputs."""
+    stats, handles = stats_hooks(block, plan)
+    try:
+        run_block_all(block, inputs, extra, runtime)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
 
 
 # ---------------------------------------------------------------- running a block
@@ -181,20 +246,14 @@ class _TrainState:
 
 
 def _optimizer(
-    block: nn.Module, quantizers: dict[str, LWC], cfg: CalibConfig, lr_scale: float
+    block: nn.Module, bq: BlockQuant, cfg: CalibConfig, lr_scale: float
 ) -> torch.optim.Optimizer:
-    """AdamW over the LWC parameters (and the block's weights when `weight_lr` > 0)."""
-    lwc = [p for q in quantizers.values() for p in q.parameters() if p.requires_grad]
-    groups = [{"params": lwc, "lr": cfg.lwc_lr * lr_scale}]
-    weights = [_original(block, n) for n in quantizers if _original(block, n).requires_grad]
-    if weights:
-        groups.append({"params": weights, "lr": cfg.weight_lr * lr_scale, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, weight_decay=cfg.wd)
+    return torch.optim.AdamW(bq.param_groups(block, cfg, lr_scale), weight_decay=cfg.wd)
 
 
 def train_block(
     block: nn.Module,
-    quantizers: dict[str, LWC],
+    bq: BlockQuant,
     inputs_q: list[torch.Tensor],
     targets: list[torch.Tensor],
     aug_targets: list[torch.Tensor] | None,
@@ -203,13 +262,13 @@ def train_block(
     runtime: Runtime,
     seed: int,
 ) -> tuple[list[float], _TrainState]:
-    """AdamW on the quantizer parameters; returns the mean loss of each epoch.
+    """AdamW on the block's LWC (and LET, weight) parameters; returns each epoch's mean loss.
 
     A non-finite loss or gradient restores the last good parameters, halves the learning rate and
     retries the batch, at most `cfg.max_nan_retries` times per block.
     """
     state = _TrainState()
-    opt = _optimizer(block, quantizers, cfg, state.lr_scale)
+    opt = _optimizer(block, bq, cfg, state.lr_scale)
     params = [p for group in opt.param_groups for p in group["params"]]
     good = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(seed)
@@ -250,7 +309,7 @@ def train_block(
                 with torch.no_grad():
                     for g, p in zip(good, params, strict=True):
                         p.copy_(g)
-                opt = _optimizer(block, quantizers, cfg, state.lr_scale)
+                opt = _optimizer(block, bq, cfg, state.lr_scale)
                 params = [p for group in opt.param_groups for p in group["params"]]
         epoch_losses.append(total / len(inputs_q))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
@@ -321,8 +380,17 @@ def calibrate_blocks(
     runtime: Runtime,
     store: StateStore | None = None,
     on_block: Callable[[BlockReport], None] | None = None,
+    *,
+    act: ActQuant | None = None,
+    let_plan: LetPlan | None = None,
+    arch: Architecture | None = None,
+    head_dim: int | None = None,
 ) -> list[BlockReport]:
-    """Quantize every block in place; returns one report per block."""
+    """Quantize every block in place; returns one report per block.
+
+    With `act` enabled, activation quantizers are attached to each block (and stay attached);
+    with `let_plan`, LET is learned jointly with LWC and folded.
+    """
     store = store or StateStore(None)
     resume_from = store.completed()
     inputs_fp = captured.hidden
@@ -341,16 +409,23 @@ def calibrate_blocks(
                 if cfg.aug_loss and cfg.trains and saved is None
                 else None
             )
-            quantizers = attach_quantizers(block, spec, cfg)
+            stats = (
+                gather_stats(block, let_plan, inputs_q, extra, runtime)
+                if let_plan is not None and saved is None
+                else None
+            )
+            bq = attach_block_quant(block, spec, cfg, let_plan, stats)
+            if act is not None and act.enabled:
+                attach_act_quantizers(block, act, arch or let_plan.arch, head_dim)
             if saved is not None:
-                load_quantizer_state(block, quantizers, saved[0])
+                bq.load(block, saved[0])
                 report = saved[1]
             else:
                 report = _train_and_report(
-                    i, block, quantizers, inputs_q, targets, aug, extra, cfg, runtime
+                    i, block, bq, inputs_q, targets, aug, extra, cfg, runtime
                 )
-            params = quantizer_state(block, quantizers)
-            fold_quantizers(block)
+            params = bq.state(block)
+            fold_parametrizations(block)
             outputs_q = run_block_all(block, inputs_q, extra, runtime)
         if saved is None:
             report.loss_after = mean_loss(outputs_q, targets, cfg.loss)
@@ -378,7 +453,7 @@ def calibrate_blocks(
 def _train_and_report(
     index: int,
     block: nn.Module,
-    quantizers: dict[str, LWC],
+    bq: BlockQuant,
     inputs_q: list[torch.Tensor],
     targets: list[torch.Tensor],
     aug: list[torch.Tensor] | None,
@@ -390,7 +465,7 @@ def _train_and_report(
         return BlockReport(index, loss_before=float("nan"), loss_after=float("nan"), seconds=0.0)
     before = mean_loss(run_block_all(block, inputs_q, extra, runtime), targets, cfg.loss)
     epoch_losses, state = train_block(
-        block, quantizers, inputs_q, targets, aug, extra, cfg, runtime, seed=cfg.seed + index
+        block, bq, inputs_q, targets, aug, extra, cfg, runtime, seed=cfg.seed + index
     )
     return BlockReport(
         index,

@@ -124,6 +124,13 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "--lwc-lr", type=float, default=d.lwc_lr, help=f"LWC learning rate (default {d.lwc_lr})"
     )
     p.add_argument(
+        "--let-alpha",
+        type=float,
+        default=None,
+        help="SmoothQuant migration strength that starts LET's scales (default: 0.5, 0.75 with "
+        "4-bit activations; weight-only runs start at the identity)",
+    )
+    p.add_argument(
         "--let-lr", type=float, default=d.let_lr, help=f"LET learning rate (default {d.let_lr})"
     )
     p.add_argument(

@@ -98,6 +98,7 @@ class CalibConfig:
     seed: int = 0
     max_nan_retries: int = 4
     lwc_init: float = 4.0
+    let_alpha: float | None = None  # None: 0.5, or 0.75 with 4-bit activations; identity if A16
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):
@@ -125,7 +126,8 @@ class CalibConfig:
     @property
     def trains(self) -> bool:
         """Whether any parameter is learned (RTN and 0 epochs learn nothing)."""
-        return self.method == "omniquant" and self.epochs > 0 and (self.lwc or self.let)
+        learns = self.lwc or self.let or self.weight_lr > 0
+        return self.method == "omniquant" and self.epochs > 0 and learns
 
 
 @dataclass(frozen=True)

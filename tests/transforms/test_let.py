@@ -90,3 +90,36 @@ def test_an_untied_qk_scale_would_break_rotary_attention():
     ref, out = _out(block, x, extra), _out(broken, x, extra)
     assert (out - ref).abs().max() / ref.abs().max() > 1e-3
     assert site.targets == ("self_attn.k_proj",)
+
+
+def test_learnable_let_parametrization_is_exact_and_folds_like_fold_site(family):
+    """LET attached as parametrizations (training form) keeps the block's function, gets
+    gradients, and folds to the same tensors as the pure fold maths."""
+    from omniquant.calibrate import fold_parametrizations
+    from omniquant.transforms.let import LetParams, attach_let, plan_let
+
+    model, arch, block, x, extra = _block_and_args(family)
+    plan = plan_let(arch, model.config, alpha=None, shifts=True)
+    trained, reference = copy.deepcopy(block), copy.deepcopy(block)
+    let = LetParams(plan, trained)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in let.parameters():
+            p.copy_(
+                torch.exp(0.4 * torch.randn(p.shape, generator=g))
+                if p in set(let.scales)
+                else 0.2 * torch.randn(p.shape, generator=g)
+            )
+    attach_let(trained, let)
+    out = trained(x, *extra.args, **extra.kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    ref = _out(block, x, extra)
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-4
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in let.scales)
+    for i, site in enumerate(plan.sites):
+        fold_site(reference, site, let.scale(i).detach(), let.shift(i), arch, plan.shape)
+    fold_parametrizations(trained)
+    ref_state = reference.state_dict()
+    for name, value in trained.state_dict().items():
+        assert torch.allclose(value, ref_state[name], rtol=1e-5, atol=1e-6), name

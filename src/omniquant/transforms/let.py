@@ -197,3 +197,188 @@ def site_shape(site: Site, block: nn.Module, shape: AttentionShape) -> tuple[int
     if site.kind == "vo":
         return (shape.n_kv_heads, shape.head_dim)
     return (shape.n_kv_heads, shape.head_dim // 2)
+
+
+# ---------------------------------------------------------------- learnable, during calibration
+
+SCALE_MIN = 1e-5
+
+
+@dataclass(frozen=True)
+class LetPlan:
+    """What LET does in every block of one model: its sites, and how scales start."""
+
+    arch: Architecture
+    shape: AttentionShape
+    sites: tuple[Site, ...]
+    alpha: float | None  # SmoothQuant migration strength; None: start at the identity (s = 1)
+    shifts: bool  # learn shifts where the norm has a bias
+
+
+def plan_let(arch: Architecture, config: object, alpha: float | None, shifts: bool) -> LetPlan:
+    """The LET plan of a model; logs the places left out and why."""
+    shape = attention_shape(config, arch)
+    sites, skipped = let_sites(arch, shape)
+    for reason in skipped:
+        log.info("LET: %s", reason)
+    return LetPlan(arch, shape, tuple(sites), alpha, shifts)
+
+
+class LetParams(nn.Module):
+    """The learnable scales (and shifts) of one block, one entry per site."""
+
+    def __init__(self, plan: LetPlan, block: nn.Module) -> None:
+        super().__init__()
+        self.plan = plan
+        self.scales = nn.ParameterList()
+        self.shifts = nn.ParameterList()
+        self.shift_of: dict[int, int] = {}
+        for i, site in enumerate(plan.sites):
+            dims = site_shape(site, block, plan.shape)
+            self.scales.append(nn.Parameter(torch.ones(dims)))
+            if site.shift and plan.shifts:
+                self.shift_of[i] = len(self.shifts)
+                self.shifts.append(nn.Parameter(torch.zeros(dims)))
+
+    def scale(self, i: int) -> torch.Tensor:
+        return self.scales[i].clamp(min=SCALE_MIN)
+
+    def shift(self, i: int) -> torch.Tensor | None:
+        return self.shifts[self.shift_of[i]] if i in self.shift_of else None
+
+    @torch.no_grad()
+    def init_from_stats(self, block: nn.Module, stats: dict[int, ChannelStats]) -> None:
+        """SmoothQuant start for norm sites: s = max|X|^α / max|W|^(1−α); δ = (max + min) / 2."""
+        alpha = self.plan.alpha
+        for i, site in enumerate(self.plan.sites):
+            if site.kind != "norm" or i not in stats:
+                continue
+            st = stats[i]
+            delta = (st.cmax + st.cmin) / 2 if i in self.shift_of else None
+            act = (st.cmax - st.cmin) / 2 if delta is not None else st.absmax
+            if delta is not None:
+                self.shifts[self.shift_of[i]].copy_(delta)
+            if alpha is None:
+                continue
+            w = torch.stack(
+                [get_module(block, t).weight.abs().amax(dim=0) for t in site.targets]
+            ).amax(dim=0)  # (C,)
+            s = act.clamp(min=SCALE_MIN).pow(alpha) / w.clamp(min=SCALE_MIN).pow(1 - alpha)
+            self.scales[i].copy_(s.clamp(min=SCALE_MIN))
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel statistics of a linear's input over the calibration set."""
+
+    absmax: torch.Tensor
+    cmax: torch.Tensor
+    cmin: torch.Tensor
+
+
+def stats_hooks(
+    block: nn.Module, plan: LetPlan
+) -> tuple[dict[int, ChannelStats], list[torch.utils.hooks.RemovableHandle]]:
+    """Hooks that gather the input statistics of every norm site while the block runs."""
+    stats: dict[int, ChannelStats] = {}
+    handles = []
+    for i, site in enumerate(plan.sites):
+        if site.kind != "norm":
+            continue
+
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...], i: int = i) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, C)
+            mx, mn = x.amax(dim=0), x.amin(dim=0)
+            if i in stats:
+                mx, mn = torch.maximum(mx, stats[i].cmax), torch.minimum(mn, stats[i].cmin)
+            stats[i] = ChannelStats(torch.maximum(mx.abs(), mn.abs()), mx, mn)
+
+        handles.append(get_module(block, site.targets[0]).register_forward_pre_hook(hook))
+    return stats, handles
+
+
+Role = Literal[
+    "norm_weight", "norm_bias", "in_weight", "in_bias", "src", "src_bias", "dst", "dst_bias"
+]
+
+
+def _src_out_scale(let: LetParams, i: int) -> torch.Tensor:
+    """Per output row of the site's source linear (v or q): its output comes out divided by it."""
+    site, s, group = let.plan.sites[i], let.scale(i), let.plan.shape.group
+    return s.reshape(-1) if site.kind == "vo" else expand_kv(rope_tied(s), group)
+
+
+def _dst_factor(let: LetParams, i: int) -> torch.Tensor:
+    """vo: o's input columns times s (shared by a KV group); qk: k's output rows times s."""
+    site, s, group = let.plan.sites[i], let.scale(i), let.plan.shape.group
+    return expand_kv(s, group) if site.kind == "vo" else rope_tied(s).reshape(-1)
+
+
+def _weight_before_let(linear: nn.Module) -> torch.Tensor:
+    params = getattr(linear, "parametrizations", None)
+    return params.weight.original if params is not None and "weight" in params else linear.weight
+
+
+class LetFold(nn.Module):
+    """Parametrization of one tensor by one LET site: the tensor's folded value, computed from
+    the site's current scale (and shift) on every access, so gradients reach them."""
+
+    def __init__(self, let: LetParams, index: int, role: Role, linear: nn.Module | None = None):
+        super().__init__()
+        self.let, self.index, self.role = [let], index, role  # list: not a submodule
+        self.linear = [linear]
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        let, i = self.let[0], self.index
+        s, delta = let.scale(i), let.shift(i)
+        role = self.role
+        if role == "norm_weight":
+            return fold_norm_weight(v, s, let.plan.arch.norm_kind)
+        if role == "norm_bias":
+            return fold_norm_bias(v, s, delta)
+        if role == "in_weight":
+            return v * s
+        if role == "in_bias":
+            return v + _weight_before_let(self.linear[0]) @ delta
+        if role in ("src", "src_bias"):
+            out = _src_out_scale(let, i)
+            return v / (out[:, None] if role == "src" else out)
+        factor = _dst_factor(let, i)
+        if let.plan.sites[i].kind == "vo":
+            return v * factor  # o's input columns
+        return v * (factor[:, None] if role == "dst" else factor)  # k's output rows
+
+
+def _register(module: nn.Module, name: str, fold: LetFold) -> None:
+    from torch.nn.utils import parametrize
+
+    if getattr(module, name) is None:  # a shift needs a bias: create it
+        weight = module.weight
+        setattr(module, name, nn.Parameter(torch.zeros(weight.shape[0], device=weight.device)))
+    if not parametrize.is_parametrized(module, name):
+        getattr(module, name).requires_grad_(False)
+    parametrize.register_parametrization(module, name, fold, unsafe=True)
+
+
+def attach_let(block: nn.Module, let: LetParams) -> None:
+    """Parametrize the block's norms and linears with LET (before any weight quantizer)."""
+    for i, site in enumerate(let.plan.sites):
+        src = get_module(block, site.source)
+        targets = [get_module(block, t) for t in site.targets]
+        shifted = let.shift(i) is not None
+        if site.kind == "norm":
+            _register(src, "weight", LetFold(let, i, "norm_weight"))
+            if shifted:
+                _register(src, "bias", LetFold(let, i, "norm_bias"))
+            for lin in targets:
+                if shifted:
+                    _register(lin, "bias", LetFold(let, i, "in_bias", lin))
+                _register(lin, "weight", LetFold(let, i, "in_weight"))
+            continue
+        _register(src, "weight", LetFold(let, i, "src"))
+        if src.bias is not None:
+            _register(src, "bias", LetFold(let, i, "src_bias"))
+        for lin in targets:
+            _register(lin, "weight", LetFold(let, i, "dst"))
+            if site.kind == "qk" and lin.bias is not None:
+                _register(lin, "bias", LetFold(let, i, "dst_bias"))
