@@ -97,3 +97,74 @@ def test_quantize_then_eval_through_the_cli(tiny_llama_folder, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["perplexity"] == pytest.approx(
         ppl_after, rel=1e-4
     )
+
+
+def test_every_flag_reaches_the_config():
+    from omniquant.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        [
+            "quantize",
+            "--output",
+            "x",
+            "--wbits",
+            "3",
+            "--abits",
+            "8",
+            "--group-size",
+            "64",
+            "--no-lwc",
+            "--let",
+            "--epochs",
+            "7",
+            "--nsamples",
+            "6",
+            "--seqlen",
+            "99",
+            "--batch-size",
+            "2",
+            "--calib-dataset",
+            "austen:emma",
+            "--lwc-lr",
+            "0.3",
+            "--let-lr",
+            "0.2",
+            "--let-alpha",
+            "0.6",
+            "--wd",
+            "0.1",
+            "--weight-lr",
+            "0.01",
+            "--aug-loss",
+            "--loss",
+            "token-normalized",
+            "--seed",
+            "5",
+            "--method",
+            "rtn",
+            "--symmetric",
+            "--quantize-lm-head",
+        ]
+    )
+    c = config_from_args(args)
+    assert (c.weight.bits, c.weight.group_size, c.weight.symmetric) == (3, 64, True)
+    assert c.act.bits == 8 and c.quantize_lm_head
+    k = c.calib
+    assert (k.method, k.lwc, k.let, k.epochs, k.nsamples, k.seqlen, k.batch_size) == (
+        "rtn",
+        False,
+        True,
+        7,
+        6,
+        99,
+        2,
+    )
+    assert (k.calib_dataset, k.lwc_lr, k.let_lr, k.let_alpha, k.wd, k.weight_lr) == (
+        "austen:emma",
+        0.3,
+        0.2,
+        0.6,
+        0.1,
+        0.01,
+    )
+    assert (k.aug_loss, k.loss, k.seed) == (True, "token-normalized", 5)

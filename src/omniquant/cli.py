@@ -233,6 +233,8 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             lwc_lr=a.lwc_lr,
             let_lr=a.let_lr,
             wd=a.wd,
+            weight_lr=a.weight_lr,
+            let_alpha=a.let_alpha,
             aug_loss=a.aug_loss,
             loss=a.loss,
             calib_dataset=a.calib_dataset,
