@@ -45,11 +45,13 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
     if method != "float":
         weight, act = parse_setting(setting)
         calib = CalibConfig(
-            method="rtn" if method == "rtn" else "omniquant",
+            method="omniquant" if method == "omniquant" else "rtn",
+            let=method == "smoothquant" or (method == "omniquant" and a.let),
+            let_lr=a.let_lr,
+            lwc_lr=a.lwc_lr,
             epochs=a.epochs,
             nsamples=a.nsamples,
             seqlen=a.seqlen,
-            lwc_lr=a.lwc_lr,
             weight_lr=a.weight_lr,
             loss=a.loss,
             aug_loss=a.aug_loss,
@@ -66,6 +68,7 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             nsamples=a.nsamples,
             seqlen=a.seqlen,
             epochs=a.epochs if method == "omniquant" else 0,
+            let=calib.let,
             lwc_lr=a.lwc_lr,
             weight_lr=a.weight_lr,
             loss=a.loss,
@@ -80,6 +83,12 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
     return row
 
 
+def _method_label(r: dict[str, object]) -> str:
+    if r["method"] == "omniquant":
+        return "OmniQuant (LWC + LET)" if r.get("let") else "OmniQuant (LWC)"
+    return {"float": "float", "rtn": "RTN", "smoothquant": "SmoothQuant-style + RTN"}[r["method"]]
+
+
 def table(results: Path) -> str:
     lines = [
         "| method | setting | nsamples × seqlen | epochs | loss | weight lr | dtype | calib s "
@@ -89,10 +98,10 @@ def table(results: Path) -> str:
     for line in results.read_text().splitlines():
         r = json.loads(line)
         calib = f"{r['nsamples']} × {r['seqlen']}" if "nsamples" in r else "—"
-        if r["method"] == "rtn":
+        if r["method"] == "rtn" and not r.get("let"):
             calib = "—"
         lines.append(
-            f"| {r['method']} | {r['setting']} | {calib} | {r.get('epochs', '—')} "
+            f"| {_method_label(r)} | {r['setting']} | {calib} | {r.get('epochs', '—')} "
             f"| {r.get('loss', '—') if r['method'] == 'omniquant' else '—'} "
             f"| {r.get('weight_lr') or '—'} "
             f"| {r.get('dtype', 'float32')} | {r['calib_seconds']:.0f} | {r['threads']} "
@@ -104,7 +113,14 @@ def table(results: Path) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--settings", default="W4A16,W4A16g128,W3A16g128,W2A16g128,W2A16g64")
-    p.add_argument("--methods", default="float,rtn,omniquant")
+    p.add_argument(
+        "--methods",
+        default="float,rtn,omniquant",
+        help="float, rtn, smoothquant (RTN after LET's SmoothQuant-style start, no training), "
+        "omniquant",
+    )
+    p.add_argument("--let", action="store_true", help="omniquant rows: LWC + LET")
+    p.add_argument("--let-lr", type=float, default=5e-3)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--epochs", type=int, default=5)
