@@ -225,7 +225,7 @@ def plan_let(arch: Architecture, config: object, alpha: float | None, shifts: bo
 
 
 class LetParams(nn.Module):
-    """The learnable scales (and shifts) of one block, one entry per site."""
+    """The learnable scales (as logarithms) and shifts of one block, one entry per site."""
 
     def __init__(self, plan: LetPlan, block: nn.Module) -> None:
         super().__init__()
@@ -235,13 +235,14 @@ class LetParams(nn.Module):
         self.shift_of: dict[int, int] = {}
         for i, site in enumerate(plan.sites):
             dims = site_shape(site, block, plan.shape)
-            self.scales.append(nn.Parameter(torch.ones(dims)))
+            self.scales.append(nn.Parameter(torch.zeros(dims)))  # log s: s = 1
             if site.shift and plan.shifts:
                 self.shift_of[i] = len(self.shifts)
                 self.shifts.append(nn.Parameter(torch.zeros(dims)))
 
     def scale(self, i: int) -> torch.Tensor:
-        return self.scales[i].clamp(min=SCALE_MIN)
+        """s = exp(log s): Adam's steps change a scale by a relative amount, whatever its size."""
+        return self.scales[i].exp()
 
     def shift(self, i: int) -> torch.Tensor | None:
         return self.shifts[self.shift_of[i]] if i in self.shift_of else None
@@ -264,7 +265,7 @@ class LetParams(nn.Module):
                 [get_module(block, t).weight.abs().amax(dim=0) for t in site.targets]
             ).amax(dim=0)  # (C,)
             s = act.clamp(min=SCALE_MIN).pow(alpha) / w.clamp(min=SCALE_MIN).pow(1 - alpha)
-            self.scales[i].copy_(s.clamp(min=SCALE_MIN))
+            self.scales[i].copy_(s.clamp(min=SCALE_MIN).log())
 
 
 @dataclass
