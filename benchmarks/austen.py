@@ -85,7 +85,8 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
 
 def _method_label(r: dict[str, object]) -> str:
     if r["method"] == "omniquant":
-        return "OmniQuant (LWC + LET)" if r.get("let") else "OmniQuant (LWC)"
+        label = "OmniQuant (LWC + LET)" if r.get("let") else "OmniQuant (LWC)"
+        return label + (" + weight training" if r.get("weight_lr") else "")
     return {"float": "float", "rtn": "RTN", "smoothquant": "SmoothQuant-style + RTN"}[r["method"]]
 
 

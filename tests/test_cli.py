@@ -168,3 +168,29 @@ def test_every_flag_reaches_the_config():
         0.01,
     )
     assert (k.aug_loss, k.loss, k.seed) == (True, "token-normalized", 5)
+
+
+@needs_austen
+def test_demo_prints_float_rtn_and_omniquant_rows(tiny_llama_folder):
+    proc = omniquant(
+        "demo",
+        "--model",
+        str(tiny_llama_folder),
+        "--group-size",
+        "32",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--epochs",
+        "1",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+        "--quiet",
+    )
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["float", "rtn", "omniquant"]
+    assert all(float(r.split("|")[3]) > 1 for r in rows)
+    assert "W4A16g32" in rows[1]
