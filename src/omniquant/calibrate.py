@@ -2,9 +2,10 @@
 
 For each decoder block l, in order:
   1. targets   F(W, X_fp): the float block on the float chain's inputs (and F(W, X_q) for aug_loss);
-  2. attach    a quantizer to every linear of the block (LWC as a weight parametrization);
-  3. train     AdamW on the quantizer parameters, loss between F(Q(W), X_q) and the targets;
-  4. fold      the weights become their dequantized quantized values, the quantizers go away;
+  2. attach    LET (optional) and an LWC quantizer on every linear, as parametrizations, and
+               activation quantizers (optional) as hooks;
+  3. train     AdamW on LWC / LET (/ weight) parameters, loss between F(Q(W), X_q) and targets;
+  4. fold      norms, biases and weights take their transformed, quantized values;
   5. advance   X_q ← F(Q(W), X_q) and X_fp ← F(W, X_fp) become block l+1's inputs.
 Activations live on the CPU and go to the device one batch at a time; only block l is on the device.
 After each block its learned parameters are written to the state folder, so an interrupted run can
@@ -251,6 +252,37 @@ def _optimizer(
     return torch.optim.AdamW(bq.param_groups(block, cfg, lr_scale), weight_decay=cfg.wd)
 
 
+def _loss(
+    block: nn.Module,
+    j: int,
+    inputs_q: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    aug_targets: list[torch.Tensor] | None,
+    extra: BlockArgs,
+    cfg: CalibConfig,
+    runtime: Runtime,
+) -> torch.Tensor:
+    """The training objective on batch j: F(Q(W), X_q) against F(W, X_fp) (+ F(W, X_q))."""
+    out = run_block(block, inputs_q[j].to(runtime.device, torch.float32), extra, runtime)
+    loss = block_loss(out, targets[j].to(runtime.device), cfg.loss)
+    if aug_targets is not None:
+        loss = loss + block_loss(out, aug_targets[j].to(runtime.device), cfg.loss)
+    return loss
+
+
+def _finite_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+    """Backward and step if the loss and every gradient are finite; else change nothing."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+        return False
+    opt.step()
+    return True
+
+
 def train_block(
     block: nn.Module,
     bq: BlockQuant,
@@ -270,31 +302,15 @@ def train_block(
     state = _TrainState()
     opt = _optimizer(block, bq, cfg, state.lr_scale)
     params = [p for group in opt.param_groups for p in group["params"]]
-    good = [p.detach().clone() for p in params]
+    good = [p.detach().clone() for p in params]  # the last parameters with a finite step
     gen = torch.Generator().manual_seed(seed)
     epoch_losses: list[float] = []
     bar = tqdm(range(cfg.epochs), desc="  epochs", leave=False, disable=not runtime.progress)
     for _ in bar:
         total = 0.0
         for j in torch.randperm(len(inputs_q), generator=gen).tolist():
-            while True:
-                x = inputs_q[j].to(runtime.device, torch.float32)
-                out = run_block(block, x, extra, runtime)
-                loss = block_loss(out, targets[j].to(runtime.device), cfg.loss)
-                if aug_targets is not None:
-                    loss = loss + block_loss(out, aug_targets[j].to(runtime.device), cfg.loss)
-                opt.zero_grad(set_to_none=True)
-                finite = bool(torch.isfinite(loss))
-                if finite:
-                    loss.backward()
-                    finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-                if finite:
-                    opt.step()
-                    with torch.no_grad():
-                        for g, p in zip(good, params, strict=True):
-                            g.copy_(p)
-                    total += loss.item()
-                    break
+            loss = _loss(block, j, inputs_q, targets, aug_targets, extra, cfg, runtime)
+            while not _finite_step(opt, loss):
                 state.nan_events += 1
                 if state.nan_events > cfg.max_nan_retries:
                     raise CalibrationError(
@@ -302,15 +318,16 @@ def train_block(
                         f"halved learning rate; try a lower --lwc-lr or --dtype float32"
                     )
                 state.lr_scale /= 2
-                log.warning(
-                    "non-finite loss: restoring the last good parameters, learning rate x%.4g",
-                    state.lr_scale,
-                )
+                log.warning("non-finite loss: last good parameters back, lr x%.4g", state.lr_scale)
                 with torch.no_grad():
                     for g, p in zip(good, params, strict=True):
                         p.copy_(g)
                 opt = _optimizer(block, bq, cfg, state.lr_scale)
-                params = [p for group in opt.param_groups for p in group["params"]]
+                loss = _loss(block, j, inputs_q, targets, aug_targets, extra, cfg, runtime)
+            with torch.no_grad():
+                for g, p in zip(good, params, strict=True):
+                    g.copy_(p)
+            total += loss.item()
         epoch_losses.append(total / len(inputs_q))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
     return epoch_losses, state
