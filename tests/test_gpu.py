@@ -39,3 +39,32 @@ def test_block_loop_on_cuda_with_bf16_autocast(family):
     omni, rtn = results["omniquant"], results["rtn"]
     assert all(r.loss_after < r.loss_before for r in omni)
     assert sum(r.loss_after for r in omni) < sum(r.loss_after for r in rtn)
+
+
+def test_let_and_activation_quantization_on_cuda():
+    from omniquant.config import ActQuant
+    from omniquant.transforms.let import attention_shape, plan_let
+
+    runtime = runtime_for("cuda", "auto", progress=False)
+    model = tiny_model("llama")
+    arch = get_architecture(model)
+    blocks = decoder_layers(model, arch)
+    cap = capture_block_inputs(model, blocks, list(random_ids(4, 64).split(1)), "cuda")
+    plan = plan_let(arch, model.config, 0.5, shifts=False)
+    cfg = CalibConfig(let=True, epochs=2, nsamples=4, seqlen=64)
+    reports = calibrate_blocks(
+        blocks,
+        cap,
+        WeightQuant(8),
+        cfg,
+        runtime,
+        act=ActQuant(8),
+        let_plan=plan,
+        arch=arch,
+        head_dim=attention_shape(model.config, arch).head_dim,
+    )
+    assert all(r.nan_events == 0 and r.loss_after <= 1.05 * r.loss_before for r in reports)
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad():
+        logits = model(random_ids(1, 16)).logits
+    assert torch.isfinite(logits).all()
