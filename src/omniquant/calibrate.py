@@ -252,21 +252,25 @@ def _optimizer(
     return torch.optim.AdamW(bq.param_groups(block, cfg, lr_scale), weight_decay=cfg.wd)
 
 
+@dataclass
+class BlockData:
+    """One block's training data, per batch on the CPU, and its extra arguments on the device."""
+
+    inputs_q: list[torch.Tensor]  # X_q
+    targets: list[torch.Tensor]  # F(W, X_fp)
+    aug_targets: list[torch.Tensor] | None  # F(W, X_q), with aug_loss
+    extra: BlockArgs
+
+
 def _loss(
-    block: nn.Module,
-    j: int,
-    inputs_q: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    aug_targets: list[torch.Tensor] | None,
-    extra: BlockArgs,
-    cfg: CalibConfig,
-    runtime: Runtime,
+    block: nn.Module, j: int, data: BlockData, cfg: CalibConfig, runtime: Runtime
 ) -> torch.Tensor:
     """The training objective on batch j: F(Q(W), X_q) against F(W, X_fp) (+ F(W, X_q))."""
-    out = run_block(block, inputs_q[j].to(runtime.device, torch.float32), extra, runtime)
-    loss = block_loss(out, targets[j].to(runtime.device), cfg.loss)
-    if aug_targets is not None:
-        loss = loss + block_loss(out, aug_targets[j].to(runtime.device), cfg.loss)
+    x = data.inputs_q[j].to(runtime.device, torch.float32)
+    out = run_block(block, x, data.extra, runtime)
+    loss = block_loss(out, data.targets[j].to(runtime.device), cfg.loss)
+    if data.aug_targets is not None:
+        loss = loss + block_loss(out, data.aug_targets[j].to(runtime.device), cfg.loss)
     return loss
 
 
@@ -286,10 +290,7 @@ def _finite_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
 def train_block(
     block: nn.Module,
     bq: BlockQuant,
-    inputs_q: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    aug_targets: list[torch.Tensor] | None,
-    extra: BlockArgs,
+    data: BlockData,
     cfg: CalibConfig,
     runtime: Runtime,
     seed: int,
@@ -308,8 +309,8 @@ def train_block(
     bar = tqdm(range(cfg.epochs), desc="  epochs", leave=False, disable=not runtime.progress)
     for _ in bar:
         total = 0.0
-        for j in torch.randperm(len(inputs_q), generator=gen).tolist():
-            loss = _loss(block, j, inputs_q, targets, aug_targets, extra, cfg, runtime)
+        for j in torch.randperm(len(data.inputs_q), generator=gen).tolist():
+            loss = _loss(block, j, data, cfg, runtime)
             while not _finite_step(opt, loss):
                 state.nan_events += 1
                 if state.nan_events > cfg.max_nan_retries:
@@ -323,12 +324,12 @@ def train_block(
                     for g, p in zip(good, params, strict=True):
                         p.copy_(g)
                 opt = _optimizer(block, bq, cfg, state.lr_scale)
-                loss = _loss(block, j, inputs_q, targets, aug_targets, extra, cfg, runtime)
+                loss = _loss(block, j, data, cfg, runtime)
             with torch.no_grad():
                 for g, p in zip(good, params, strict=True):
                     g.copy_(p)
             total += loss.item()
-        epoch_losses.append(total / len(inputs_q))
+        epoch_losses.append(total / len(data.inputs_q))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
     return epoch_losses, state
 
@@ -438,9 +439,8 @@ def calibrate_blocks(
                 bq.load(block, saved[0])
                 report = saved[1]
             else:
-                report = _train_and_report(
-                    i, block, bq, inputs_q, targets, aug, extra, cfg, runtime
-                )
+                data = BlockData(inputs_q, targets, aug, extra)
+                report = _train_and_report(i, block, bq, data, cfg, runtime)
             params = bq.state(block)
             fold_parametrizations(block)
             outputs_q = run_block_all(block, inputs_q, extra, runtime)
@@ -471,19 +471,15 @@ def _train_and_report(
     index: int,
     block: nn.Module,
     bq: BlockQuant,
-    inputs_q: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    aug: list[torch.Tensor] | None,
-    extra: BlockArgs,
+    data: BlockData,
     cfg: CalibConfig,
     runtime: Runtime,
 ) -> BlockReport:
     if not cfg.trains:
         return BlockReport(index, loss_before=float("nan"), loss_after=float("nan"), seconds=0.0)
-    before = mean_loss(run_block_all(block, inputs_q, extra, runtime), targets, cfg.loss)
-    epoch_losses, state = train_block(
-        block, bq, inputs_q, targets, aug, extra, cfg, runtime, seed=cfg.seed + index
-    )
+    outputs = run_block_all(block, data.inputs_q, data.extra, runtime)
+    before = mean_loss(outputs, data.targets, cfg.loss)
+    epoch_losses, state = train_block(block, bq, data, cfg, runtime, seed=cfg.seed + index)
     return BlockReport(
         index,
         loss_before=before,
