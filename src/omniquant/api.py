@@ -192,6 +192,7 @@ def quantize(
     arch = get_architecture(model)
     blocks = decoder_layers(model, arch)
     _check_group_size(blocks, config)
+    let_plan = let_plan_for(model, arch, config)
     batches = calibration_batches(tokenizer, config)
     run_id = {"model": model_name, "config": config.to_dict()}
     store = StateStore(None)
@@ -210,7 +211,7 @@ def quantize(
             runtime,
             store,
             act=config.act,
-            let_plan=let_plan_for(model, arch, config),
+            let_plan=let_plan,
             arch=arch,
             head_dim=head_dim_of(model, arch),
         )
