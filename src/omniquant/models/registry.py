@@ -36,9 +36,10 @@ def _find_block_list(model: nn.Module) -> str | None:
     """Dotted path of the longest ModuleList whose every child holds an nn.Linear."""
     best: tuple[int, str] | None = None
     for name, module in model.named_modules():
-        is_blocks = isinstance(module, nn.ModuleList) and len(module) > 0
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
         longer = best is None or len(module) > best[0]
-        if is_blocks and longer and all(block_linears(child) for child in module):
+        if longer and all(block_linears(child) for child in module):
             best = (len(module), name)
     return best[1] if best else None
 
