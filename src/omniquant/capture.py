@@ -54,11 +54,6 @@ def map_tensors(obj: Any, fn: Any) -> Any:
     return obj
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside obj to device."""
-    return map_tensors(obj, lambda t: t.to(device))
-
-
 class _Recorder(nn.Module):
     """Stands in for one block during capture; attribute reads fall through to the real block."""
 
