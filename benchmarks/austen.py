@@ -2,12 +2,15 @@
 
 Each row quantizes a fresh copy of the model, measures calibration wall seconds at a stated thread
 count, evaluates perplexity on emma (80 windows of 512), and appends one JSON line to --results.
-`--table` prints the markdown table of a results file (what the README shows).
+With --zeroshot it also measures next-sentence accuracy on persuasion (`zeroshot_acc`,
+`zeroshot_acc_norm`; see omniquant.eval.austen_tasks). `--table` prints the markdown table of a
+results file (what the README shows).
 
 Examples:
   python benchmarks/austen.py --threads 1 --settings W3A16g128 --methods omniquant \
       --nsamples 32 --epochs 5                                   # the reference code's budget
   python benchmarks/austen.py --threads 2 --settings W4A16g128 --methods float,rtn
+  python benchmarks/austen.py --threads 2 --settings W3A16g128 --methods float,rtn --zeroshot
   python benchmarks/austen.py --table --results benchmarks/results/austen.jsonl
 """
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,10 +28,13 @@ import torch
 
 from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.eval.austen_tasks import write_austen_task
+from omniquant.eval.zeroshot import zeroshot
 from omniquant.model_io import load_model
 
 DEFAULT_RESULTS = Path(__file__).parent / "results" / "austen.jsonl"
 SETTING = re.compile(r"^W(\d)A(\d+)(?:g(\d+))?$")
+ZEROSHOT_SEED = 0  # the same next-sentence items for every row, whatever the calibration seed
 
 
 def parse_setting(s: str) -> tuple[WeightQuant, ActQuant]:
@@ -39,7 +46,7 @@ def parse_setting(s: str) -> tuple[WeightQuant, ActQuant]:
 
 
 def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, object]:
-    model, tokenizer = load_model("smollm2")
+    model, tokenizer = load_model(a.model)
     row: dict[str, object] = {"method": method, "setting": setting if method != "float" else "-"}
     seconds = 0.0
     if method != "float":
@@ -80,7 +87,29 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
         )
     ppl = api.evaluate(model, tokenizer=tokenizer, progress=False)
     row.update(calib_seconds=round(seconds, 1), threads=torch.get_num_threads(), perplexity=ppl)
+    if a.zeroshot:
+        row.update(zeroshot_row(model, tokenizer, a.task_folder, a.task))
+        row.update(zeroshot_items=a.zeroshot_items)
     return row
+
+
+def zeroshot_row(
+    model: torch.nn.Module, tokenizer: object, folder: str, task: str
+) -> dict[str, object]:
+    """Next-sentence accuracy on the Austen task written into `folder`."""
+    metrics = zeroshot(model, tokenizer, [task], include_path=folder, progress=False)[task]
+    return {
+        "zeroshot_task": task,
+        "zeroshot_acc": metrics["acc"],
+        "zeroshot_acc_norm": metrics.get("acc_norm"),
+    }
+
+
+def _zeroshot_cell(r: dict[str, object]) -> str:
+    if "zeroshot_acc" not in r:
+        return "—"
+    norm = r.get("zeroshot_acc_norm")
+    return f"{r['zeroshot_acc']:.3f}" + (f" / {norm:.3f}" if norm is not None else "")
 
 
 def _method_label(r: dict[str, object]) -> str:
@@ -91,13 +120,15 @@ def _method_label(r: dict[str, object]) -> str:
 
 
 def table(results: Path) -> str:
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    with_zeroshot = any("zeroshot_acc" in r for r in rows)
     lines = [
         "| method | setting | nsamples × seqlen | epochs | loss | weight lr | dtype | calib s "
-        "| threads | perplexity |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| threads | perplexity |" + (" next-sentence acc / acc_norm |" if with_zeroshot else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        + (" --- |" if with_zeroshot else ""),
     ]
-    for line in results.read_text().splitlines():
-        r = json.loads(line)
+    for r in rows:
         calib = f"{r['nsamples']} × {r['seqlen']}" if "nsamples" in r else "—"
         if r["method"] == "rtn" and not r.get("let"):
             calib = "—"
@@ -106,7 +137,7 @@ def table(results: Path) -> str:
             f"| {r.get('loss', '—') if r['method'] == 'omniquant' else '—'} "
             f"| {r.get('weight_lr') or '—'} "
             f"| {r.get('dtype', 'float32')} | {r['calib_seconds']:.0f} | {r['threads']} "
-            f"| {r['perplexity']:,.2f} |"
+            f"| {r['perplexity']:,.2f} |" + (f" {_zeroshot_cell(r)} |" if with_zeroshot else "")
         )
     return "\n".join(lines)
 
@@ -171,8 +202,9 @@ def compare(results: Path) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="model to measure (default smollm2)")
     p.add_argument("--settings", default="W4A16,W4A16g128,W3A16g128,W2A16g128,W2A16g64")
     p.add_argument(
         "--methods",
@@ -196,12 +228,30 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and exit")
     p.add_argument("--compare", action="store_true", help="print the README comparison tables")
-    a = p.parse_args()
+    p.add_argument(
+        "--zeroshot",
+        action="store_true",
+        help="also measure next-sentence accuracy on persuasion (needs lm-eval)",
+    )
+    p.add_argument(
+        "--zeroshot-items", type=int, default=500, help="next-sentence items (default 500)"
+    )
+    a = p.parse_args(argv)
     if a.table or a.compare:
         print(table(a.results) if a.table else compare(a.results))
         return 0
     torch.set_num_threads(a.threads)
     a.results.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="austen-tasks-") as folder:
+        if a.zeroshot:
+            a.task_folder = folder
+            a.task = write_austen_task(folder, n=a.zeroshot_items, seed=ZEROSHOT_SEED)
+        run_rows(a)
+    return 0
+
+
+def run_rows(a: argparse.Namespace) -> None:
+    """Measure every method × setting row and append each to --results."""
     methods = a.methods.split(",")
     for method in methods:
         settings = ["-"] if method == "float" else a.settings.split(",")
@@ -211,7 +261,6 @@ def main() -> int:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("loss_")}))
             sys.stdout.flush()
-    return 0
 
 
 if __name__ == "__main__":

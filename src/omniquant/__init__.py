@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from omniquant.api import QuantizeResult, evaluate, load, quantize
+from omniquant.api import QuantizeResult, evaluate, export, load, quantize
 from omniquant.config import (
     ActQuant,
     CalibConfig,
@@ -18,6 +18,7 @@ __all__ = [
     "WeightQuant",
     "__version__",
     "evaluate",
+    "export",
     "load",
     "quantize",
 ]

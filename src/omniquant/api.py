@@ -23,11 +23,15 @@ from omniquant.config import OmniQuantConfig
 from omniquant.data import bos_token_id, calibration_windows, eval_windows, load_text, tokenize_text
 from omniquant.errors import ConfigError, ModelError, OutputError
 from omniquant.eval.perplexity import perplexity
+from omniquant.formats import FORMATS, resolve_format, write_packed_format
+from omniquant.formats.packed import load_packed, use_kernels
 from omniquant.model_io import load_model, save_model
 from omniquant.models import block_linears, decoder_layers, get_architecture, get_module
 from omniquant.models.architecture import Architecture
 from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
+from omniquant.quant.qparams import attach_grids, save_grids
+from omniquant.report import write_run_report
 from omniquant.transforms.let import LetPlan, attention_shape, plan_let
 
 log = logging.getLogger(__name__)
@@ -172,6 +176,7 @@ def quantize(
     dtype: str = "auto",
     resume: bool = False,
     progress: bool = True,
+    format: str = "fake",
 ) -> QuantizeResult:
     """Quantize a causal LM with OmniQuant (or RTN) block by block.
 
@@ -179,8 +184,12 @@ def quantize(
     (None: the embedded SmolLM2 default). With `output`, the result is written as a folder that
     `transformers.AutoModelForCausalLM.from_pretrained` loads, plus `omniquant.json`; while running,
     the work lives in `<output>.partial` and `resume=True` continues it from the next block.
+    `format`: "fake" (float weights on the grid), "compressed-tensors", "omniquant-packed" or
+    "auto" (see `omniquant.formats`); a format that cannot hold the setting is refused up front.
     """
     config = config or OmniQuantConfig()
+    if format not in (*FORMATS, "auto"):
+        raise ConfigError(f"format must be auto or one of {', '.join(FORMATS)}; got {format!r}")
     runtime = runtime_for(device, dtype, progress)
     out = Path(output) if output is not None else None
     partial = _prepare_output(out, resume)
@@ -228,7 +237,9 @@ def quantize(
     report = build_report(model_name, arch.name, config, runtime, reports, seconds)
     log.info("calibrated %d blocks in %.1f s", len(reports), seconds)
     if out is not None and partial is not None:
-        write_output(model, tokenizer, report, partial, out)
+        fmt = resolve_format(format, model, config)
+        report["format"] = {"name": fmt}
+        write_output(model, tokenizer, report, partial, out, fmt, config)
     return QuantizeResult(model, tokenizer, report, out)
 
 
@@ -259,14 +270,60 @@ def build_report(
 
 
 def write_output(
-    model: nn.Module, tokenizer: Any, report: dict[str, Any], partial: Path, out: Path
+    model: nn.Module,
+    tokenizer: Any,
+    report: dict[str, Any],
+    partial: Path,
+    out: Path,
+    fmt: str = "fake",
+    config: OmniQuantConfig | None = None,
 ) -> None:
-    """Save into the partial folder, then rename it to the output in one step."""
+    """Save into the partial folder with omniquant.json and report.md (plus plots), then rename
+    it to the output in one step."""
     shutil.rmtree(partial / "state", ignore_errors=True)
     (partial / "run.json").unlink(missing_ok=True)
-    save_model(model, tokenizer, partial)
-    (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    if fmt == "fake":
+        save_model(model, tokenizer, partial)
+        save_grids(model, partial)
+        (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    else:
+        write_packed_format(fmt, model, tokenizer, config or OmniQuantConfig(), report, partial)
+    write_run_report(partial, report)
     partial.rename(out)
+
+
+def export(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    format: str = "auto",
+) -> Path:
+    """Write a model folder from `quantize` (fake format) as compressed-tensors or
+    omniquant-packed ('auto': compressed-tensors where it holds the setting). Atomic: the folder
+    appears complete or not at all."""
+    out = Path(output)
+    if out.exists():
+        raise OutputError(f"output folder {out} exists already; choose another")
+    src = Path(str(model))
+    report_path = src / REPORT_FILE
+    if not report_path.is_file():
+        raise ModelError(f"{src} holds no {REPORT_FILE}: export takes a folder that quantize wrote")
+    report = json.loads(report_path.read_text())
+    config = OmniQuantConfig.from_dict(report["config"])
+    loaded, tokenizer = load(src)
+    fmt = resolve_format(format, loaded, config)
+    if fmt == "fake":
+        raise ConfigError("export writes a packed format: compressed-tensors or omniquant-packed")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write_packed_format(
+            fmt, loaded, tokenizer, config, {**report, "format": {"name": fmt}}, partial
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(out)
+    return out
 
 
 def evaluate(
@@ -294,12 +351,34 @@ def evaluate(
         model.to("cpu")
 
 
-def load(path: str | os.PathLike[str] | None) -> tuple[nn.Module, Any]:
-    """Load a model folder written by `quantize` (or any model `load_model` takes):
-    (model, tokenizer), with its activation quantizers attached where the run had them."""
-    model, tokenizer = load_model(path)
-    report = Path(str(path)) / REPORT_FILE if path is not None else None
+def load(
+    path: str | os.PathLike[str] | None, kernels: bool = False, device: str = "cpu"
+) -> tuple[nn.Module, Any]:
+    """Load a model folder written by `quantize` or `export` (or any model `load_model` takes):
+    (model, tokenizer), with its activation quantizers attached where the run had them.
+
+    kernels=True runs every quantized linear through `QuantLinear` (int4 / int8 kernels, or
+    unpacking on the fly), from an omniquant-packed folder or a fake-quantized one with its grids.
+    """
+    folder = Path(str(path)) if path is not None else None
+    report = folder / REPORT_FILE if folder is not None else None
+    config = None
     if report is not None and report.is_file():
-        config = OmniQuantConfig.from_dict(json.loads(report.read_text())["config"])
+        saved = json.loads(report.read_text())
+        config = OmniQuantConfig.from_dict(saved["config"])
+        fmt = saved.get("format", {}).get("name", "fake")
+    if folder is not None and config is not None and fmt == "omniquant-packed":
+        model, tokenizer, _ = load_packed(folder)
+    else:
+        model, tokenizer = load_model(path)
+        if folder is not None and config is not None:
+            attach_grids(model, folder, config.weight)
+    if config is not None and fmt != "compressed-tensors":
         attach_act_quantizers_all(model, config)
+    if kernels and (config is None or use_kernels(model, device) == 0):
+        raise ModelError(
+            f"{path}: kernels=True needs a quantized model folder from omniquant "
+            f"(omniquant-packed, or quantize's output with its grids)"
+        )
+    model.to(device)
     return model, tokenizer

@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 
 from omniquant.capture import BlockArgs, CapturedInputs, map_tensors
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
-from omniquant.errors import CalibrationError
+from omniquant.errors import CalibrationError, ExportError
 from omniquant.models.architecture import Architecture, block_linears
 from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
+from omniquant.quant.qparams import QPARAMS_ATTR, from_affine
 from omniquant.transforms.let import ChannelStats, LetParams, LetPlan, attach_let, stats_hooks
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,17 @@ def fold_parametrizations(block: nn.Module) -> None:
             if not torch.isfinite(value).all():
                 raise CalibrationError(f"non-finite {tensor_name} after folding {name}")
             value.requires_grad_(False)
+
+
+def record_qparams(block: nn.Module, bq: BlockQuant, spec: WeightQuant) -> None:
+    """Keep each folded linear's grid (scales, zero points) on it, for packed export."""
+    for name, q in bq.lwc.items():
+        if q.last_params is not None:
+            linear = block.get_submodule(name)
+            try:
+                setattr(linear, QPARAMS_ATTR, from_affine(q.last_params, spec, linear.in_features))
+            except ExportError as e:
+                log.warning("%s: no packed export for this layer: %s", name, e)
 
 
 def _original(block: nn.Module, name: str) -> nn.Parameter:
@@ -443,6 +455,7 @@ def calibrate_blocks(
                 report = _train_and_report(i, block, bq, data, cfg, runtime)
             params = bq.state(block)
             fold_parametrizations(block)
+            record_qparams(block, bq, spec)
             outputs_q = run_block_all(block, inputs_q, extra, runtime)
         if saved is None:
             report.loss_after = mean_loss(outputs_q, targets, cfg.loss)

@@ -8,13 +8,16 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import OmniQuantError
+from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
 from omniquant.model_io import DEFAULT_MODEL, load_model
+from omniquant.report import combine_runs, eval_folder, save_eval
 
 log = logging.getLogger("omniquant")
 
@@ -53,6 +56,21 @@ def _add_eval_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-batch-size", type=int, default=4, help="windows per forward pass (default 4)"
     )
+
+
+def _add_zeroshot(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="zero-shot accuracy on these comma-separated lm-eval tasks (piqa,arc_easy,...) "
+        "instead of perplexity; needs pip install 'omniquant[zeroshot]'",
+    )
+    p.add_argument(
+        "--tasks-include",
+        default=None,
+        help="folder of extra lm-eval task YAMLs (e.g. local JSONL tasks, which work offline)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
 
 
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
@@ -203,7 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     _add_eval_data(e)
+    _add_zeroshot(e)
+    e.add_argument(
+        "--save",
+        action="store_true",
+        help="also write the result into <model folder>/eval.json (read by `omniquant report`)",
+    )
     _add_runtime(e)
+
+    r = sub.add_parser(
+        "report",
+        help="combine run folders into one table and plot",
+        description="Combine quantize run folders (their omniquant.json and eval.json) into a "
+        "markdown table and a perplexity-versus-bits plot.",
+    )
+    r.add_argument("runs", nargs="+", type=Path, help="run folders written by `quantize`")
+    r.add_argument("--output", required=True, type=Path, help="folder for report.md and the plot")
+    r.add_argument("--quiet", action="store_true", help="no info logging")
+    r.set_defaults(threads=None)
 
     demo = sub.add_parser(
         "demo",
@@ -280,6 +315,14 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    folder = eval_folder(a.model) if a.save else None
+    result = _zeroshot(a) if a.tasks else _perplexity(a)
+    if folder is not None:
+        print(f"saved to {save_eval(folder, result)}")
+    return 0
+
+
+def _perplexity(a: argparse.Namespace) -> dict[str, object]:
     ppl = api.evaluate(
         a.model,
         dataset=a.eval_dataset,
@@ -290,6 +333,31 @@ def cmd_eval(a: argparse.Namespace) -> int:
         progress=not a.quiet,
     )
     print(json.dumps({"model": a.model, "dataset": a.eval_dataset, "perplexity": ppl}))
+    return {"dataset": a.eval_dataset, "perplexity": ppl}
+
+
+def _zeroshot(a: argparse.Namespace) -> dict[str, object]:
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    require_lm_eval()  # before loading the model
+    model, tokenizer = api.load(a.model)
+    metrics = zeroshot(
+        model,
+        tokenizer,
+        tasks,
+        include_path=a.tasks_include,
+        limit=a.limit,
+        batch_size=a.eval_batch_size,
+        device=a.device,
+        progress=not a.quiet,
+    )
+    limit = f", at most {a.limit} documents per task" if a.limit else ""
+    print(f"zero-shot accuracy of {a.model}{limit}")
+    print(format_table(metrics))
+    return {"zeroshot": metrics}
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    print(f"written {combine_runs(a.runs, a.output)}")
     return 0
 
 
@@ -325,7 +393,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

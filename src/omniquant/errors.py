@@ -25,3 +25,11 @@ class CalibrationError(OmniQuantError, RuntimeError):
 
 class OutputError(OmniQuantError, ValueError):
     """An output folder that exists already or cannot be written."""
+
+
+class ExportError(OmniQuantError, ValueError):
+    """A model or setting that the asked export format cannot hold."""
+
+
+class MissingDependencyError(OmniQuantError, ImportError):
+    """An optional package that a feature needs is not installed; the message names the extra."""

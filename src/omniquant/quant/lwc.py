@@ -16,6 +16,7 @@ from torch import nn
 
 from omniquant.config import WeightQuant
 from omniquant.quant.primitives import (
+    AffineParams,
     fake_quantize_grouped,
     from_groups,
     num_groups,
@@ -50,6 +51,7 @@ class LWC(nn.Module):
             self.upper_logit = nn.Parameter(torch.full(shape, float(init)))  # a
             self.lower_logit = nn.Parameter(torch.full(shape, float(init)))  # b
         self._cache: tuple[tuple[int, int, torch.device], _Grouped] | None = None
+        self.last_params: AffineParams | None = None  # scale/zero of the latest forward
 
     def strengths(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(γ, β): the fraction of the max and of the min that the grid spans."""
@@ -74,6 +76,7 @@ class LWC(nn.Module):
         upper, lower = self.strengths()
         g = self._grouped(weight)
         p = range_params(upper * g.wmax, lower * g.wmin, self.spec.bits, self.spec.symmetric)
+        self.last_params = AffineParams(p.scale.detach(), p.zero.detach())
         wq = fake_quantize_grouped(g.wg, p, self.spec.bits, self.spec.symmetric)
         return from_groups(wq, self.in_features).to(weight.dtype)
 

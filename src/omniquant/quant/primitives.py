@@ -6,7 +6,8 @@ the remainder;
 it is padded up to g by repeating its own last column, which leaves its min and max unchanged, and
 the padding is dropped afterwards. Per-channel quantization is the case g = in (one group per row).
 
-Asymmetric:  h = (xmax - xmin) / (2^N - 1),  z = -round(xmin / h),
+Asymmetric:  h = (xmax - xmin) / (2^N - 1),  z = -round(xmin / h),  with xmin <= 0 <= xmax
+             (a group of one sign has its range extended to 0, so z always lies on the grid),
              q = clamp(round(w / h) + z, 0, 2^N - 1),  w_dq = (q - z) * h
 Symmetric:   h = max(|xmax|, |xmin|) / (2^(N-1) - 1),  z = 0,
              q = clamp(round(w / h), -2^(N-1), 2^(N-1) - 1)
@@ -95,6 +96,7 @@ def range_params(
         absmax = torch.maximum(xmax.abs(), xmin.abs())
         scale = (absmax / qmax).clamp(min=SCALE_MIN)
         return AffineParams(scale, torch.zeros_like(scale))
+    xmax, xmin = xmax.clamp(min=0), xmin.clamp(max=0)  # the grid holds 0: z in [0, qmax]
     scale = ((xmax - xmin) / qmax).clamp(min=SCALE_MIN)
     zero = -round_ste(xmin / scale)
     return AffineParams(scale, zero)

@@ -1,0 +1,58 @@
+"""Writing quantized models in the formats inference engines load.
+
+fake                the float model with weights on the grid (plain transformers loads it),
+                    plus `quant_grids.safetensors` so it can be exported later;
+compressed-tensors  vLLM's and llm-compressor's format (`compressed_tensors.py`);
+omniquant-packed    our packed layout for every setting (`packed.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from omniquant.config import OmniQuantConfig
+from omniquant.errors import ConfigError, ExportError
+from omniquant.formats.compressed_tensors import check_compressed_tensors, write_compressed_tensors
+from omniquant.formats.packed import write_packed
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("fake", "compressed-tensors", "omniquant-packed")
+
+
+def resolve_format(fmt: str, model: nn.Module, config: OmniQuantConfig) -> str:
+    """'auto' is compressed-tensors where it holds the setting, omniquant-packed otherwise."""
+    if fmt not in (*FORMATS, "auto"):
+        raise ConfigError(f"format must be auto or one of {', '.join(FORMATS)}; got {fmt!r}")
+    if fmt != "auto":
+        return fmt
+    try:
+        check_compressed_tensors(model, config)
+        return "compressed-tensors"
+    except ExportError as e:
+        log.info("omniquant-packed, because %s", e)
+        return "omniquant-packed"
+
+
+def write_packed_format(
+    fmt: str,
+    model: nn.Module,
+    tokenizer: Any,
+    config: OmniQuantConfig,
+    report: dict[str, Any],
+    folder: Path,
+) -> None:
+    """Write `model` as compressed-tensors or omniquant-packed into `folder`."""
+    if fmt == "compressed-tensors":
+        write_compressed_tensors(model, tokenizer, config, folder)
+        report = {**report, "format": {"name": "compressed-tensors"}}
+        (folder / "omniquant.json").write_text(json.dumps(report, indent=2))
+    elif fmt == "omniquant-packed":
+        write_packed(model, tokenizer, report, folder)
+    else:
+        raise ConfigError(f"{fmt!r} is not a packed format")

@@ -1,0 +1,150 @@
+"""omniquant-packed: our safetensors layout for every setting (2-8 bits, any group, W4A4/W6A6).
+
+A folder with the model's config.json, tokenizer, `omniquant.json` (the run's report, whose
+`config` says the weight and activation settings, plus `"format": {"name": "omniquant-packed",
+"version": 1}`) and `model.safetensors` holding, for each quantized linear at module path P:
+
+    P.qweight   int32  (out, ceil(in * bits / 32))  unsigned codes u, one dense little-endian bit
+                                                     stream per row (`packing` draws the bits)
+    P.scales    float32 (out, n_groups)             h
+    P.zeros     uint8   (out, n_groups)             unsigned zero point z;  w = (u - z) * h
+
+groups being `group_size` consecutive input channels with a shorter last group when it does not
+divide the width (n_groups = ceil(in / group_size); per-channel: one group). Every other tensor
+(embeddings, norms, biases, lm_head) is stored as it is. `omniquant.load(folder)` reads it back:
+as plain linears holding the dequantized weights, or with `kernels=True` as `QuantLinear`s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omniquant.config import OmniQuantConfig
+from omniquant.errors import ExportError, ModelError
+from omniquant.formats.compressed_tensors import quantized_linears
+from omniquant.formats.packing import pack_rows, unpack_rows
+from omniquant.kernels.linear import QuantLinear
+from omniquant.quant.primitives import effective_group_size
+from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
+
+FORMAT = {"name": "omniquant-packed", "version": 1}
+WEIGHTS_FILE = "model.safetensors"
+SUFFIXES = ("qweight", "scales", "zeros")
+
+
+def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The safetensors state dict of the packed format."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    linears = quantized_linears(model)
+    if not linears:
+        raise ExportError(
+            "the model has no quantization grids to export (scales and zero points); export a "
+            "model written by `omniquant quantize`"
+        )
+    for name, linear in linears.items():
+        qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
+        codes = weight_codes(linear.weight, qp)
+        del state[f"{name}.weight"]
+        state[f"{name}.qweight"] = pack_rows(codes, qp.bits)
+        state[f"{name}.scales"] = qp.scale
+        state[f"{name}.zeros"] = qp.zero
+    if getattr(model.config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    return state
+
+
+def write_packed(model: nn.Module, tokenizer: Any, report: dict[str, Any], folder: Path) -> None:
+    """Write an omniquant-packed model folder (the caller makes it atomic)."""
+    from safetensors.torch import save_file
+
+    state = packed_state(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / "omniquant.json").write_text(json.dumps({**report, "format": FORMAT}, indent=2))
+
+
+def is_packed(folder: Path) -> bool:
+    """Whether a folder holds an omniquant-packed model."""
+    report = folder / "omniquant.json"
+    if not report.is_file():
+        return False
+    return json.loads(report.read_text()).get("format", {}).get("name") == FORMAT["name"]
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    module._forward_pre_hooks.update(old._forward_pre_hooks)  # activation quantizers stay
+    module._forward_hooks.update(old._forward_hooks)
+    setattr(owner, child, module)
+
+
+def load_packed(
+    folder: Path, kernels: bool = False, device: str = "cpu"
+) -> tuple[nn.Module, Any, OmniQuantConfig]:
+    """(model, tokenizer, config) from an omniquant-packed folder.
+
+    kernels=False: every quantized linear is a plain nn.Linear holding its dequantized weight
+    (the fake-quantized model, which `export` can write again); kernels=True: `QuantLinear`s.
+    Activation quantizers are attached by the caller (`api.load`) before kernels are swapped in.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    report = json.loads((folder / "omniquant.json").read_text())
+    if report["format"].get("version") != FORMAT["version"]:
+        raise ModelError(f"{folder}: omniquant-packed version {report['format']} is not readable")
+    config = OmniQuantConfig.from_dict(report["config"])
+    hf_config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    state = load_file(str(folder / WEIGHTS_FILE))
+    grids = {k[: -len(".qweight")] for k in state if k.endswith(".qweight")}
+    dense = {k: v for k, v in state.items() if k.rpartition(".")[0] not in grids}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    expected_missing = {f"{g}.weight" for g in grids} | {"lm_head.weight"}
+    if unexpected or set(missing) - expected_missing:
+        raise ModelError(
+            f"{folder}: tensors do not match the model (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+    for name in sorted(grids):
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        qp = LinearQParams(
+            scale=state[f"{name}.scales"].float(),
+            zero=state[f"{name}.zeros"],
+            bits=config.weight.bits,
+            group_size=effective_group_size(linear.in_features, config.weight.group_size),
+            in_features=linear.in_features,
+        )
+        codes = unpack_rows(state[f"{name}.qweight"], qp.bits, linear.in_features)
+        with torch.no_grad():
+            linear.weight = nn.Parameter(dequantize(codes, qp, torch.float32), requires_grad=False)
+        setattr(linear, QPARAMS_ATTR, qp)
+    model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer, config
+
+
+def use_kernels(model: nn.Module, device: str = "cpu") -> int:
+    """Swap every linear that carries a grid for a `QuantLinear`; returns how many."""
+    n = 0
+    for name, linear in list(quantized_linears(model).items()):
+        qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
+        codes = weight_codes(linear.weight, qp)
+        _set_module(model, name, QuantLinear(codes, qp, linear.bias, device))
+        n += 1
+    return n

@@ -1,0 +1,77 @@
+"""Dense bit packing of unsigned b-bit codes into int32 words (b = 1..8).
+
+Each row of codes (u_0, u_1, ..., u_{n-1}) becomes one little-endian bit stream: code k occupies
+stream bits [k*b, (k+1)*b), least significant bit first, and stream bits [32j, 32j + 32) form word
+j of the row. A code may straddle two words (b = 3, 5, 6, 7); no bit is wasted; the row is padded
+with zero bits to whole words, so a row of n codes takes ceil(n * b / 32) int32 words.
+
+    b = 4, one word holds u_0 .. u_7:
+        bit  31..28 27..24 23..20 19..16 15..12 11..8  7..4   3..0
+             u_7    u_6    u_5    u_4    u_3    u_2    u_1    u_0
+
+    b = 3, word 0 holds u_0 .. u_9 and the two low bits of u_10:
+        bit  31..30      29..27 ... 5..3  2..0
+             u_10[1:0]   u_9    ... u_1   u_0          (word 1 starts with u_10[2])
+
+For b = 4 and b = 8 this is the layout of compressed-tensors' `pack-quantized` format (its int8
+values are these unsigned codes minus 2^(b-1)), so the same words serve both formats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+WORD_BITS = 32
+
+
+def packed_words(n: int, bits: int) -> int:
+    """int32 words for a row of n codes of `bits` bits."""
+    return math.ceil(n * bits / WORD_BITS)
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"packing takes 1..8 bits, got {bits}")
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, n) unsigned codes (any integer dtype, values < 2^bits) -> (rows, words) int32."""
+    _check_bits(bits)
+    rows, n = codes.shape
+    words = packed_words(n, bits)
+    c = codes.to(torch.int64)
+    if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}]")
+    shifts = torch.arange(bits, dtype=torch.int64, device=c.device)
+    stream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)  # bit k*b + i = u_k[i]
+    stream = torch.nn.functional.pad(stream, (0, words * WORD_BITS - n * bits))
+    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=c.device) << torch.arange(
+        WORD_BITS, device=c.device
+    )
+    packed = (stream.reshape(rows, words, WORD_BITS) * weights).sum(-1)  # in [0, 2^32)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """(rows, words) int32 -> (rows, n) uint8 codes; the inverse of `pack_rows`."""
+    _check_bits(bits)
+    rows, words = packed.shape
+    if words != packed_words(n, bits):
+        raise ValueError(f"{words} words cannot hold {n} codes of {bits} bits")
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    stream = (p.unsqueeze(-1) >> torch.arange(WORD_BITS, device=p.device)) & 1  # (rows, words, 32)
+    stream = stream.reshape(rows, words * WORD_BITS)[:, : n * bits].reshape(rows, n, bits)
+    codes = (stream << torch.arange(bits, device=p.device)).sum(-1)
+    return codes.to(torch.uint8)
+
+
+def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack along dim 0 instead: (n, cols) -> (words, cols) (compressed-tensors' zero points)."""
+    return pack_rows(codes.t(), bits).t().contiguous()
+
+
+def unpack_columns(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of `pack_columns`."""
+    return unpack_rows(packed.t(), bits, n).t().contiguous()

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+import omniquant
+from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.errors import ExportError
+from omniquant.kernels.linear import QuantLinear
+from omniquant.quant.activation import HOOK_FLAG
+from tests.conftest import needs_austen
+
+pytestmark = needs_austen
+FAST = CalibConfig(epochs=1, nsamples=2, seqlen=32)
+IDS = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+def _config(bits=3, group=40, abits=16):
+    return OmniQuantConfig(WeightQuant(bits, group), ActQuant(abits), FAST)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("bits,group,abits", [(3, 40, 16), (4, 32, 16), (4, None, 4), (6, None, 6)])
+def test_packed_folder_loads_back_to_the_fake_quantized_model(
+    tiny_llama_folder, tmp_path, bits, group, abits
+):
+    out = tmp_path / "p"
+    result = omniquant.quantize(
+        tiny_llama_folder,
+        _config(bits, group, abits),
+        output=out,
+        format="omniquant-packed",
+        progress=False,
+    )
+    assert json.loads((out / "omniquant.json").read_text())["format"]["name"] == "omniquant-packed"
+    want = _logits(result.model)
+    model, _ = omniquant.load(out)
+    assert torch.allclose(_logits(model), want, atol=1e-5)
+    assert all(hasattr(b, HOOK_FLAG) == (abits < 16) for b in model.model.layers)
+    fast, _ = omniquant.load(out, kernels=True)
+    assert any(isinstance(m, QuantLinear) for m in fast.modules())
+    got = _logits(fast)
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_packed_weights_are_smaller_than_float(tiny_llama_folder, tmp_path):
+    omniquant.quantize(tiny_llama_folder, _config(), output=tmp_path / "fake", progress=False)
+    omniquant.export(tmp_path / "fake", tmp_path / "p", "omniquant-packed")
+    from safetensors.torch import load_file
+
+    fake = load_file(str(tmp_path / "fake" / "model.safetensors"))
+    packed = load_file(str(tmp_path / "p" / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj"
+    assert packed[f"{name}.qweight"].numel() * 4 * 8 == pytest.approx(
+        fake[f"{name}.weight"].numel() * 3, abs=32 * 96
+    )
+    assert f"{name}.weight" not in packed
+
+
+def test_export_auto_picks_the_format_that_holds_the_setting(tiny_llama_folder, tmp_path):
+    omniquant.quantize(tiny_llama_folder, _config(4, 32), output=tmp_path / "g32", progress=False)
+    omniquant.quantize(tiny_llama_folder, _config(4, 40), output=tmp_path / "g40", progress=False)
+    omniquant.export(tmp_path / "g32", tmp_path / "a")
+    omniquant.export(tmp_path / "g40", tmp_path / "b")
+    assert "quantization_config" in json.loads((tmp_path / "a" / "config.json").read_text())
+    assert json.loads((tmp_path / "b" / "omniquant.json").read_text())["format"]["name"] == (
+        "omniquant-packed"
+    )
+
+
+def test_a_refused_export_leaves_nothing_on_disk(tiny_llama_folder, tmp_path):
+    omniquant.quantize(tiny_llama_folder, _config(3, 40), output=tmp_path / "q", progress=False)
+    with pytest.raises(ExportError, match="omniquant-packed"):
+        omniquant.export(tmp_path / "q", tmp_path / "ct", "compressed-tensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
