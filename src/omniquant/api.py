@@ -368,11 +368,13 @@ def load(
         config = OmniQuantConfig.from_dict(saved["config"])
         fmt = saved.get("format", {}).get("name", "fake")
     if folder is not None and config is not None and fmt == "omniquant-packed":
-        model, tokenizer, _ = load_packed(folder)
-    else:
-        model, tokenizer = load_model(path)
-        if folder is not None and config is not None:
-            attach_grids(model, folder, config.weight)
+        model, tokenizer, _ = load_packed(
+            folder, kernels, device, prepare=lambda m: attach_act_quantizers_all(m, config)
+        )
+        return model.to(device), tokenizer
+    model, tokenizer = load_model(path)
+    if folder is not None and config is not None:
+        attach_grids(model, folder, config.weight)
     if config is not None and fmt != "compressed-tensors":
         attach_act_quantizers_all(model, config)
     if kernels and (config is None or use_kernels(model, device) == 0):

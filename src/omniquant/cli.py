@@ -16,6 +16,7 @@ from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import OmniQuantError
 from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
+from omniquant.formats import FORMATS
 from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval
 
@@ -85,6 +86,13 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     p.add_argument(
         "--abits", type=int, default=16, help="activation bits, 16 = not quantized (default 16)"
+    )
+    p.add_argument(
+        "--qkv-quant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --abits < 16, also quantize the query/key/value states per head (default on; "
+        "--no-qkv-quant for a model that compressed-tensors can hold at W8A8)",
     )
     p.add_argument(
         "--group-size",
@@ -189,6 +197,14 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+FORMAT_HELP = (
+    "output format: fake = float weights on the grid, loadable by plain transformers (default "
+    "for quantize); compressed-tensors = packed integers that vLLM serves (2/4/8-bit weights "
+    "with groups dividing every width, or W8A8); omniquant-packed = our packed layout for every "
+    "setting; auto = compressed-tensors where it holds the setting, else omniquant-packed"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omniquant",
@@ -210,14 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from <output>.partial"
     )
+    q.add_argument("--format", choices=[*FORMATS, "auto"], default="fake", help=FORMAT_HELP)
     q.add_argument("--eval", action="store_true", help="print the perplexity of the result")
     _add_eval_data(q)
     _add_runtime(q)
 
     e = sub.add_parser(
         "eval",
-        help="perplexity of a model",
-        description="Perplexity per the austen-v1 protocol (or another text).",
+        help="perplexity (or zero-shot accuracy) of a model",
+        description="Perplexity per the austen-v1 protocol (or another text); with --tasks, "
+        "zero-shot accuracy through lm-eval instead.",
     )
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     _add_eval_data(e)
@@ -240,6 +258,44 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no info logging")
     r.set_defaults(threads=None)
 
+    x = sub.add_parser(
+        "export",
+        help="write a quantized model folder in a packed format",
+        description="Write a folder from `omniquant quantize` as compressed-tensors (vLLM, "
+        "transformers with the compressed-tensors package) or omniquant-packed (every setting; "
+        "omniquant.load). What a format cannot hold is refused with the reason.",
+    )
+    x.add_argument("input", type=Path, help="a folder written by `omniquant quantize`")
+    x.add_argument("output", type=Path, help="folder to write (must not exist)")
+    x.add_argument("--format", choices=[*FORMATS[1:], "auto"], default="auto", help=FORMAT_HELP)
+    x.add_argument("--quiet", action="store_true", help="no info logging")
+    x.set_defaults(threads=None)
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a prompt, streaming tokens",
+        description="Load a float, fake-quantized or packed model and generate from a prompt.",
+    )
+    g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 = greedy (default 0)",
+    )
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
+    )
+    g.add_argument(
+        "--kernels",
+        action="store_true",
+        help="run quantized linears through the int4/int8 kernels (quantized folders only)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    _add_runtime(g)
+
     demo = sub.add_parser(
         "demo",
         help="float / RTN / OmniQuant perplexity table on the default",
@@ -256,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
     return OmniQuantConfig(
         weight=WeightQuant(bits=a.wbits, group_size=a.group_size or None, symmetric=a.symmetric),
-        act=ActQuant(bits=a.abits),
+        act=ActQuant(bits=a.abits, quantize_qkv=a.qkv_quant),
         calib=CalibConfig(
             method=a.method,
             lwc=a.lwc,
@@ -302,6 +358,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         dtype=a.dtype,
         resume=a.resume,
         progress=not a.quiet,
+        format=a.format,
     )
     r = result.report
     print(
@@ -393,7 +450,30 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "report": cmd_report}
+def cmd_export(a: argparse.Namespace) -> int:
+    out = api.export(a.input, a.output, a.format)
+    fmt = json.loads((out / api.REPORT_FILE).read_text())["format"]["name"]
+    print(f"{fmt} model written to {out}")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from omniquant.generate import generate
+
+    model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device)
+    torch.manual_seed(a.seed)
+    generate(model, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.chat, sys.stdout)
+    return 0
+
+
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "demo": cmd_demo,
+    "report": cmd_report,
+    "export": cmd_export,
+    "generate": cmd_generate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -122,8 +122,11 @@ def plot_block_loss(report: dict[str, Any], path: Path) -> Path | None:
     index = [b["index"] for b in blocks]
     before = [b["loss_before"] for b in blocks]
     after = [b["loss_after"] for b in blocks]
-    ax.plot(index, before, "o-", ms=4, label="before calibration (initial quantizers)")
-    ax.plot(index, after, "s-", ms=4, label="after calibration")
+    if before == after:  # nothing was trained (RTN): one line
+        ax.plot(index, after, "o-", ms=4, label="round-to-nearest (no calibration)")
+    else:
+        ax.plot(index, before, "o-", ms=4, label="before calibration (initial quantizers)")
+        ax.plot(index, after, "s-", ms=4, label="after calibration")
     ax.set_xlabel("decoder block")
     ax.set_ylabel(f"block output loss ({report['config']['calib'].get('loss', 'mse')})")
     ax.set_title(f"{report['setting']} {method_label(report['config'])}: loss per block")

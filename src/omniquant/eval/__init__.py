@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (and, later, zero-shot tasks)."""
+"""Evaluation: perplexity, and zero-shot accuracy through lm-eval (`omniquant.eval.zeroshot`)."""
 
 from omniquant.eval.perplexity import perplexity
 

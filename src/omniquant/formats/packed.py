@@ -18,6 +18,7 @@ as plain linears holding the dequantized weights, or with `kernels=True` as `Qua
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,23 +93,29 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def load_packed(
-    folder: Path, kernels: bool = False, device: str = "cpu"
+    folder: Path,
+    kernels: bool = False,
+    device: str = "cpu",
+    prepare: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, Any, OmniQuantConfig]:
     """(model, tokenizer, config) from an omniquant-packed folder.
 
     kernels=False: every quantized linear is a plain nn.Linear holding its dequantized weight
-    (the fake-quantized model, which `export` can write again); kernels=True: `QuantLinear`s.
-    Activation quantizers are attached by the caller (`api.load`) before kernels are swapped in.
+    (the fake-quantized model, which `export` can write again); kernels=True: `QuantLinear`s built
+    straight from the codes, so the float weights are never materialised. `prepare` runs on the
+    model before the swap (it attaches the activation quantizers, which the swap keeps).
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     report = json.loads((folder / "omniquant.json").read_text())
     if report["format"].get("version") != FORMAT["version"]:
         raise ModelError(f"{folder}: omniquant-packed version {report['format']} is not readable")
     config = OmniQuantConfig.from_dict(report["config"])
-    hf_config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with no_init_weights():  # weights come from the file: untouched memory stays unallocated
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    model.float()
     state = load_file(str(folder / WEIGHTS_FILE))
     grids = {k[: -len(".qweight")] for k in state if k.endswith(".qweight")}
     dense = {k: v for k, v in state.items() if k.rpartition(".")[0] not in grids}
@@ -119,6 +126,9 @@ def load_packed(
             f"{folder}: tensors do not match the model (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]})"
         )
+    model.tie_weights()
+    model.eval()
+    layers: dict[str, tuple[torch.Tensor, LinearQParams]] = {}
     for name in sorted(grids):
         linear = model.get_submodule(name)
         assert isinstance(linear, nn.Linear)
@@ -129,12 +139,18 @@ def load_packed(
             group_size=effective_group_size(linear.in_features, config.weight.group_size),
             in_features=linear.in_features,
         )
-        codes = unpack_rows(state[f"{name}.qweight"], qp.bits, linear.in_features)
-        with torch.no_grad():
-            linear.weight = nn.Parameter(dequantize(codes, qp, torch.float32), requires_grad=False)
+        codes = unpack_rows(state.pop(f"{name}.qweight"), qp.bits, linear.in_features)
         setattr(linear, QPARAMS_ATTR, qp)
-    model.tie_weights()
-    model.eval()
+        if kernels:
+            layers[name] = (codes, qp)
+        else:
+            with torch.no_grad():
+                linear.weight = nn.Parameter(dequantize(codes, qp, torch.float32), False)
+    if prepare is not None:
+        prepare(model)
+    for name, (codes, qp) in layers.items():
+        linear = model.get_submodule(name)
+        _set_module(model, name, QuantLinear(codes, qp, linear.bias, device))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, config
 

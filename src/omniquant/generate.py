@@ -1,0 +1,78 @@
+"""Text generation from a prompt, streaming each token as it is produced."""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
+    """(1, T) token ids of the prompt, through the chat template when asked."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+class _Writer:
+    """A transformers streamer that writes decoded text to a stream as tokens arrive."""
+
+    def __init__(self, tokenizer: Any, out: TextIO, skip: int) -> None:
+        self.tokenizer, self.out, self.skip = tokenizer, out, skip
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        ids = value.reshape(-1).tolist()
+        if self.skip:  # the prompt comes first, once
+            self.skip = 0
+            return
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.out.write(text[self.printed :])
+            self.out.flush()
+            self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[self.printed :] + "\n")
+        self.out.flush()
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    chat: bool = False,
+    out: TextIO | None = None,
+) -> list[int]:
+    """Generate up to `max_new_tokens` after the prompt (greedy when temperature is 0), writing
+    the text to `out` as it comes; returns the new token ids."""
+    device = next(model.parameters()).device
+    ids = prompt_ids(tokenizer, prompt, chat).to(device)
+    streamer = None
+    if out is not None:
+        if not chat:
+            out.write(prompt)
+        streamer = _Writer(tokenizer, out, skip=1)
+    sampling = (
+        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    )
+    result = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        top_p=None,
+        top_k=None,
+        **sampling,
+    )
+    return result[0, ids.shape[1] :].tolist()
