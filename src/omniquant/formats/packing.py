@@ -60,11 +60,27 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     rows, words = packed.shape
     if words != packed_words(n, bits):
         raise ValueError(f"{words} words cannot hold {n} codes of {bits} bits")
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    stream = (p.unsqueeze(-1) >> torch.arange(WORD_BITS, device=p.device)) & 1  # (rows, words, 32)
-    stream = stream.reshape(rows, words * WORD_BITS)[:, : n * bits].reshape(rows, n, bits)
-    codes = (stream << torch.arange(bits, device=p.device)).sum(-1)
-    return codes.to(torch.uint8)
+    if WORD_BITS % bits == 0:  # no code straddles two words: shift and mask, in int32
+        per_word = WORD_BITS // bits
+        shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (rows, words, per_word)
+        return codes.reshape(rows, words * per_word)[:, :n].to(torch.uint8)
+    return _unpack_blocks(packed, bits, n)
+
+
+def _unpack_blocks(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Codes that may straddle words: 32 codes fill exactly `bits` words, so each block of
+    `bits` words is read with the same per-position word index and shift."""
+    rows, words = packed.shape
+    blocks = math.ceil(n / WORD_BITS)
+    p = torch.nn.functional.pad(packed.to(torch.int64) & 0xFFFFFFFF, (0, blocks * bits - words + 1))
+    offsets = torch.arange(WORD_BITS, device=packed.device) * bits  # bit offset of code k
+    word, shift = offsets // WORD_BITS, offsets % WORD_BITS
+    base = (torch.arange(blocks, device=packed.device) * bits).unsqueeze(-1) + word  # (blocks, 32)
+    low = p[:, base]  # (rows, blocks, 32)
+    high = p[:, base + 1]
+    codes = ((low >> shift) | (high << (WORD_BITS - shift))) & (2**bits - 1)
+    return codes.reshape(rows, blocks * WORD_BITS)[:, :n].to(torch.uint8)
 
 
 def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ Three paths, chosen per layer from its bits, group size, shape and device:
   * int8 — `_weight_int8pack_mm` (per output channel scales), for per-channel 8-bit weights:
     x (u - z) s = s (x (u - 128)) - s (z - 128) sum(x), a per-row correction of the int8 product.
   * unpack — any other setting: the packed words are unpacked and dequantized on each call.
+The kernel paths take bf16 activations (the outputs then differ from the float32 fake-quantized
+layer by bf16 rounding, about 1% of the largest output); the unpack path computes in float32.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ class QuantLinear(nn.Module):
         device = torch.device(device)
         self.out_features, self.in_features = codes.shape
         self.qp = qp
-        self.dtype = torch.bfloat16 if device.type == "cuda" else dtype
         self.path = choose_path(qp, self.out_features)
+        # the int4/int8 kernels are fast with bf16 activations (on the CPU their float32 variants
+        # are slower than a float32 matmul); unpacking runs in the model's dtype
+        self.dtype = torch.bfloat16 if self.path != "unpack" else dtype
         self.bias = None if bias is None else nn.Parameter(bias.to(device, self.dtype), False)
         if self.path == "int4":
             self._init_int4(codes, device)

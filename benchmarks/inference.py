@@ -1,0 +1,188 @@
+"""Inference benchmark: size and speed of SmolLM2 float32, bf16 and packed W8A16 / W4A16g128 /
+W3A16g128 (README table). Not a test.
+
+Each variant runs in a fresh process (so that its peak resident memory is its own) with a fixed
+thread count and reports:
+  linear MB     bytes of what stands for the decoder blocks' linear weights (codes, scales and
+                zero points for packed layers; lm_head and embeddings stay float and are excluded)
+  peak RSS MB   the process's peak resident memory after loading and running (torch included)
+  prefill tok/s one forward pass over 512 tokens (median of --repeats)
+  decode tok/s  128 new tokens one at a time with the KV cache, batch 1 (median of --repeats)
+The packed variants are round-to-nearest quantizations written as omniquant-packed and loaded
+with `omniquant.load(path, kernels=True)`: speed and size do not depend on how the grid was
+calibrated, so RTN stands in for OmniQuant here (same layout, same kernels).
+
+  python benchmarks/inference.py --threads 2 --repeats 3
+  python benchmarks/inference.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "inference.jsonl"
+VARIANTS = ["float32", "bfloat16", "W8A16", "W4A16g128", "W3A16g128"]
+PACKED = {"W8A16": (8, None), "W4A16g128": (4, 128), "W3A16g128": (3, 128)}
+PREFILL, DECODE = 512, 128
+
+
+def packed_folder(cache: Path, variant: str) -> Path:
+    """The RTN omniquant-packed folder of a variant (made once)."""
+    from omniquant import api
+    from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
+
+    folder = cache / f"smollm2-{variant}-rtn-packed"
+    if not folder.exists():
+        bits, group = PACKED[variant]
+        calib = CalibConfig(method="rtn", nsamples=2, seqlen=64)  # RTN: the data is not used
+        config = OmniQuantConfig(WeightQuant(bits, group), calib=calib)
+        api.quantize("smollm2", config, output=folder, format="omniquant-packed", progress=False)
+    return folder
+
+
+def linear_bytes(model: torch.nn.Module) -> int:
+    """Bytes standing for the decoder blocks' linear weights."""
+    from omniquant.kernels.linear import QuantLinear
+
+    total = 0
+    for name, m in model.named_modules():
+        if ".layers." not in f".{name}.":
+            continue
+        if isinstance(m, QuantLinear):
+            total += m.weight_bytes()
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def load_variant(variant: str, cache: Path) -> tuple[torch.nn.Module, object]:
+    from omniquant import api
+    from omniquant.model_io import load_model
+
+    if variant in PACKED:
+        return api.load(packed_folder(cache, variant), kernels=True)
+    model, tokenizer = load_model("smollm2")
+    return model.to(getattr(torch, variant)), tokenizer
+
+
+def write_prompt(cache: Path) -> Path:
+    """The first 512 tokens of Emma, made in the parent: reading the corpus would dominate the
+    measured process's peak memory."""
+    from omniquant.data import load_text, tokenize_text
+    from omniquant.model_io import load_model
+
+    path = cache / "prompt.pt"
+    if not path.exists():
+        _, tokenizer = load_model("smollm2")
+        tokens = tokenize_text(tokenizer, load_text("austen:emma"))
+        torch.save(tokens[:PREFILL].unsqueeze(0).clone(), path)
+    return path
+
+
+@torch.no_grad()
+def time_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(ids, use_cache=False)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def time_decode(model: torch.nn.Module, ids: torch.Tensor, new: int) -> float:
+    """Seconds for `new` greedy steps of one token each, after the prompt is cached."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(ids, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new):
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t0
+
+
+def measure(variant: str, threads: int, repeats: int, cache: Path) -> dict[str, object]:
+    """One variant, in this process."""
+    torch.set_num_threads(threads)
+    model, _ = load_variant(variant, cache)
+    model.eval()
+    ids = torch.load(cache / "prompt.pt")
+    time_prefill(model, ids[:, :64])  # warm-up
+    prefill = [time_prefill(model, ids) for _ in range(repeats)]
+    decode = [time_decode(model, ids[:, :32], DECODE) for _ in range(repeats)]
+    return {
+        "variant": variant,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "linear_mb": linear_bytes(model) / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "prefill_tok_s": PREFILL / statistics.median(prefill),
+        "decode_tok_s": DECODE / statistics.median(decode),
+        "torch": torch.__version__,
+    }
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    base = {r["variant"]: r for r in rows}.get("float32")
+    lines = [
+        "| model | linear MB | × float32 | peak RSS MB | prefill tok/s (512) "
+        "| decode tok/s (128) | decode × float32 | threads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        size = r["linear_mb"] / base["linear_mb"] if base else float("nan")
+        speed = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        lines.append(
+            f"| {r['variant']} | {r['linear_mb']:.1f} | {size:.3f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {speed:.2f} "
+            f"| {r['threads']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "omniquant" / "bench")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--table", action="store_true", help="print the table of --results and exit")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.table:
+        print(table(a.results))
+        return 0
+    if a.child:
+        print(json.dumps(measure(a.child, a.threads, a.repeats, a.cache)))
+        return 0
+    a.cache.mkdir(parents=True, exist_ok=True)
+    write_prompt(a.cache)
+    for variant in a.variants.split(","):
+        if variant in PACKED:
+            packed_folder(a.cache, variant)  # quantize outside the measured process
+    a.results.parent.mkdir(parents=True, exist_ok=True)
+    for variant in a.variants.split(","):
+        cmd = [sys.executable, __file__, "--child", variant, "--threads", str(a.threads)]
+        cmd += ["--repeats", str(a.repeats), "--cache", str(a.cache)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        print(json.dumps(row))
+        with a.results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(table(a.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
