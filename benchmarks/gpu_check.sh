@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# GPU check: the tests marked `gpu` (calibration on CUDA with bf16 autocast). On a machine without
-# CUDA they are skipped and the script still succeeds. Usage: bash benchmarks/gpu_check.sh
+# GPU check, one short script: the tests marked `gpu` (calibration on CUDA with bf16 autocast,
+# LET + W8A8 on CUDA, the CUDA int4 kernel against fake quantization, a packed model running its
+# kernels on CUDA), then the inference benchmark on CUDA with SmolLM2's shape and random weights
+# (no model files needed). Without CUDA the tests are skipped, the benchmark is left out and the
+# script still succeeds. Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 - <<'PY'
+OUT="${1:-${OUT:-/tmp/omniquant-gpu-check}}"
+mkdir -p "$OUT"
+CUDA=$(python3 - <<'PY'
 import torch, transformers
 print("torch", torch.__version__, "transformers", transformers.__version__,
       "cuda", torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "", file=__import__("sys").stderr)
+print(int(torch.cuda.is_available()))
 PY
-python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider "$@"
+)
+python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+if [ "$CUDA" = 1 ]; then
+  python3 benchmarks/inference.py --device cuda --random-weights --repeats 3 \
+    --variants float32,bfloat16,W8A16,W4A16g128,W3A16g128 \
+    --cache "$OUT/cache" --results "$OUT/inference-cuda.jsonl"
+else
+  echo "no CUDA: inference benchmark on CUDA left out"
+fi

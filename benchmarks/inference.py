@@ -35,17 +35,44 @@ PACKED = {"W8A16": (8, None), "W4A16g128": (4, 128), "W3A16g128": (3, 128)}
 PREFILL, DECODE = 512, 128
 
 
-def packed_folder(cache: Path, variant: str) -> Path:
+SHAPE_CONFIG = Path(__file__).parent / "smollm2-135m-config.json"
+
+
+def random_model() -> torch.nn.Module:
+    """SmolLM2-135M's shape with random weights (speed and size do not depend on the values):
+    for machines without the model files, such as a lent GPU machine."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**json.loads(SHAPE_CONFIG.read_text()))
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def packed_folder(cache: Path, variant: str, random_weights: bool) -> Path:
     """The RTN omniquant-packed folder of a variant (made once)."""
     from omniquant import api
     from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 
-    folder = cache / f"smollm2-{variant}-rtn-packed"
-    if not folder.exists():
-        bits, group = PACKED[variant]
-        calib = CalibConfig(method="rtn", nsamples=2, seqlen=64)  # RTN: the data is not used
-        config = OmniQuantConfig(WeightQuant(bits, group), calib=calib)
+    folder = cache / (f"smollm2-{variant}-rtn-packed" + ("-random" if random_weights else ""))
+    if folder.exists():
+        return folder
+    bits, group = PACKED[variant]
+    calib = CalibConfig(method="rtn", nsamples=2, seqlen=64)  # RTN: the data is not used
+    config = OmniQuantConfig(WeightQuant(bits, group), calib=calib)
+    if not random_weights:
         api.quantize("smollm2", config, output=folder, format="omniquant-packed", progress=False)
+        return folder
+    from omniquant.calibrate import calibrate_blocks
+    from omniquant.capture import capture_block_inputs
+    from omniquant.formats.packed import write_packed
+    from omniquant.models import decoder_layers, get_architecture
+
+    model = random_model()
+    blocks = decoder_layers(model, get_architecture(model))
+    ids = torch.randint(3, 1000, (2, 64))
+    captured = capture_block_inputs(model, blocks, list(ids.split(1)), "cpu")
+    calibrate_blocks(blocks, captured, config.weight, config.calib, api.runtime_for("cpu"))
+    write_packed(model, None, {"config": config.to_dict()}, folder)
     return folder
 
 
@@ -64,34 +91,44 @@ def linear_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def load_variant(variant: str, cache: Path) -> tuple[torch.nn.Module, object]:
+def load_variant(variant: str, cache: Path, device: str, random_weights: bool) -> torch.nn.Module:
     from omniquant import api
     from omniquant.model_io import load_model
 
     if variant in PACKED:
-        return api.load(packed_folder(cache, variant), kernels=True)
-    model, tokenizer = load_model("smollm2")
-    return model.to(getattr(torch, variant)), tokenizer
+        folder = packed_folder(cache, variant, random_weights)
+        return api.load(folder, kernels=True, device=device)[0]
+    model = random_model() if random_weights else load_model("smollm2")[0]
+    return model.to(device, getattr(torch, variant))
 
 
-def write_prompt(cache: Path) -> Path:
+def write_prompt(cache: Path, random_weights: bool) -> Path:
     """The first 512 tokens of Emma, made in the parent: reading the corpus would dominate the
     measured process's peak memory."""
     from omniquant.data import load_text, tokenize_text
     from omniquant.model_io import load_model
 
     path = cache / "prompt.pt"
-    if not path.exists():
+    if random_weights:
+        torch.save(torch.randint(3, 1000, (1, PREFILL)), path)
+    elif not path.exists():
         _, tokenizer = load_model("smollm2")
         tokens = tokenize_text(tokenizer, load_text("austen:emma"))
         torch.save(tokens[:PREFILL].unsqueeze(0).clone(), path)
     return path
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def time_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    _sync(ids.device)
     t0 = time.perf_counter()
     model(ids, use_cache=False)
+    _sync(ids.device)
     return time.perf_counter() - t0
 
 
@@ -103,19 +140,22 @@ def time_decode(model: torch.nn.Module, ids: torch.Tensor, new: int) -> float:
     cache = DynamicCache()
     out = model(ids, past_key_values=cache, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
     t0 = time.perf_counter()
     for _ in range(new):
         out = model(nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
     return time.perf_counter() - t0
 
 
-def measure(variant: str, threads: int, repeats: int, cache: Path) -> dict[str, object]:
+def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
     """One variant, in this process."""
-    torch.set_num_threads(threads)
-    model, _ = load_variant(variant, cache)
+    torch.set_num_threads(a.threads)
+    repeats = a.repeats
+    model = load_variant(variant, a.cache, a.device, a.random_weights)
     model.eval()
-    ids = torch.load(cache / "prompt.pt")
+    ids = torch.load(a.cache / "prompt.pt").to(a.device)
     time_prefill(model, ids[:, :64])  # warm-up
     prefill = [time_prefill(model, ids) for _ in range(repeats)]
     decode = [time_decode(model, ids[:, :32], DECODE) for _ in range(repeats)]
@@ -127,6 +167,11 @@ def measure(variant: str, threads: int, repeats: int, cache: Path) -> dict[str, 
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "prefill_tok_s": PREFILL / statistics.median(prefill),
         "decode_tok_s": DECODE / statistics.median(decode),
+        "peak_device_mb": (
+            torch.cuda.max_memory_allocated() / 2**20 if a.device == "cuda" else None
+        ),
+        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
+        "random_weights": a.random_weights,
         "torch": torch.__version__,
     }
 
@@ -158,23 +203,30 @@ def main() -> int:
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "omniquant" / "bench")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and exit")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="SmolLM2's shape with random weights (no model files needed, e.g. on a GPU machine)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.table:
         print(table(a.results))
         return 0
     if a.child:
-        print(json.dumps(measure(a.child, a.threads, a.repeats, a.cache)))
+        print(json.dumps(measure(a, a.child)))
         return 0
     a.cache.mkdir(parents=True, exist_ok=True)
-    write_prompt(a.cache)
+    write_prompt(a.cache, a.random_weights)
     for variant in a.variants.split(","):
-        if variant in PACKED:
-            packed_folder(a.cache, variant)  # quantize outside the measured process
+        if variant in PACKED:  # quantize outside the measured process
+            packed_folder(a.cache, variant, a.random_weights)
     a.results.parent.mkdir(parents=True, exist_ok=True)
     for variant in a.variants.split(","):
         cmd = [sys.executable, __file__, "--child", variant, "--threads", str(a.threads)]
-        cmd += ["--repeats", str(a.repeats), "--cache", str(a.cache)]
+        cmd += ["--repeats", str(a.repeats), "--cache", str(a.cache), "--device", a.device]
+        cmd += ["--random-weights"] if a.random_weights else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(row))

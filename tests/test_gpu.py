@@ -68,3 +68,46 @@ def test_let_and_activation_quantization_on_cuda():
     with torch.no_grad():
         logits = model(random_ids(1, 16)).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("shape,group", [((256, 1024), 128), ((192, 576), 128), ((64, 512), None)])
+def test_int4_kernel_on_cuda_matches_the_fake_quantized_linear(shape, group):
+    from omniquant.config import WeightQuant
+    from omniquant.kernels.linear import QuantLinear
+    from omniquant.quant.primitives import fake_quantize, minmax_params, to_groups
+    from omniquant.quant.qparams import dequantize, from_affine, weight_codes
+
+    torch.manual_seed(0)
+    out_f, in_f = shape
+    w = torch.randn(out_f, in_f) * 0.05
+    spec = WeightQuant(4, group)
+    qp = from_affine(minmax_params(to_groups(w, group), 4), spec, in_f)
+    codes = weight_codes(fake_quantize(w, 4, group), qp)
+    layer = QuantLinear(codes, qp, None, "cuda")
+    assert layer.path == "int4"
+    x = torch.randn(7, in_f)
+    want = x @ dequantize(codes, qp, torch.float32).t()
+    got = layer(x.cuda()).float().cpu()
+    assert (got - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+def test_packed_model_runs_its_kernels_on_cuda(tmp_path):
+    from omniquant import api
+    from omniquant.config import OmniQuantConfig
+    from omniquant.formats.packed import write_packed
+    from omniquant.kernels.linear import QuantLinear
+
+    model = tiny_model("llama")
+    blocks = decoder_layers(model, get_architecture(model))
+    cap = capture_block_inputs(model, blocks, list(random_ids(2, 32).split(1)), "cpu")
+    config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn"))
+    calibrate_blocks(blocks, cap, config.weight, config.calib, runtime_for("cpu", progress=False))
+    write_packed(model, None, {"config": config.to_dict()}, tmp_path / "q")
+    ids = random_ids(2, 24)
+    with torch.no_grad():
+        want = model(ids).logits
+    fast, _ = api.load(tmp_path / "q", kernels=True, device="cuda")
+    assert any(isinstance(m, QuantLinear) and m.path == "int4" for m in fast.modules())
+    with torch.no_grad():
+        got = fast(ids.cuda()).logits.float().cpu()
+    assert (got - want).abs().max() <= 5e-2 * want.abs().max()

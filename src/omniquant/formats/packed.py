@@ -149,7 +149,8 @@ def load_packed(
             with torch.no_grad():
                 linear.weight = nn.Parameter(dequantize(codes, qp, torch.float32), False)
             setattr(linear, QPARAMS_ATTR, qp)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     return model, tokenizer, config
 
 

@@ -27,9 +27,21 @@ from omniquant.quant.qparams import LinearQParams, dequantize, expand_groups
 INT4_GROUPS = (256, 128, 64, 32)
 
 
-def int4_group(qp: LinearQParams, out_features: int) -> int | None:
+def cuda_inner_k_tiles(in_features: int) -> int | None:
+    """tinygemm's inner k tiles for a width: the largest of 8/4/2 with width % (16 tiles) == 0."""
+    for tiles in (8, 4, 2):
+        if in_features % (16 * tiles) == 0:
+            return tiles
+    return None
+
+
+def int4_group(
+    qp: LinearQParams, out_features: int, device: torch.device | None = None
+) -> int | None:
     """The uniform group size the int4 kernels can run this grid with, or None."""
     if qp.bits != 4 or out_features % 16:
+        return None
+    if device is not None and device.type == "cuda" and cuda_inner_k_tiles(qp.in_features) is None:
         return None
     for kg in INT4_GROUPS:
         if qp.group_size % kg == 0 and qp.in_features % kg == 0:
@@ -37,8 +49,8 @@ def int4_group(qp: LinearQParams, out_features: int) -> int | None:
     return None
 
 
-def choose_path(qp: LinearQParams, out_features: int) -> str:
-    if int4_group(qp, out_features) is not None:
+def choose_path(qp: LinearQParams, out_features: int, device: torch.device | None = None) -> str:
+    if int4_group(qp, out_features, device) is not None:
         return "int4"
     if qp.bits == 8 and qp.n_groups == 1:
         return "int8"
@@ -60,7 +72,7 @@ class QuantLinear(nn.Module):
         device = torch.device(device)
         self.out_features, self.in_features = codes.shape
         self.qp = qp
-        self.path = choose_path(qp, self.out_features)
+        self.path = choose_path(qp, self.out_features, device)
         # the int4/int8 kernels are fast with bf16 activations (on the CPU their float32 variants
         # are slower than a float32 matmul); unpacking runs in the model's dtype
         self.dtype = torch.bfloat16 if self.path != "unpack" else dtype
@@ -75,7 +87,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zero", qp.zero.to(device))
 
     def _init_int4(self, codes: torch.Tensor, device: torch.device) -> None:
-        kg = int4_group(self.qp, self.out_features)
+        kg = int4_group(self.qp, self.out_features, device)
         assert kg is not None
         self.kernel_group = kg
         scale = expand_groups(self.qp.scale, self.qp, kg)  # (out, in / kg)
@@ -85,7 +97,8 @@ class QuantLinear(nn.Module):
         if device.type == "cuda":
             pairs = codes.to(torch.uint8)
             nibbles = (pairs[:, ::2] << 4 | pairs[:, 1::2]).to(device)
-            packed = torch._convert_weight_to_int4pack(nibbles, 8)
+            tiles = cuda_inner_k_tiles(self.in_features)
+            packed = torch._convert_weight_to_int4pack(nibbles.contiguous(), tiles)
         else:
             packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
         self.register_buffer("packed", packed)
