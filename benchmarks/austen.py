@@ -170,7 +170,11 @@ def compare(results: Path) -> str:
         and r["epochs"] == 5
         and not r.get("let")
     }
-    best = {r["setting"]: r for r in rows if r["method"] == "omniquant" and r.get("weight_lr")}
+    best: dict[str, dict] = {}  # per setting, the lowest-perplexity LWC + weight-training row
+    for r in rows:
+        candidate = r["method"] == "omniquant" and r.get("weight_lr") and not r.get("let")
+        if candidate and r["perplexity"] < best.get(r["setting"], {}).get("perplexity", 1e30):
+            best[r["setting"]] = r
     out = [
         "| setting | RTN (ours) | RTN† | GPTQ† | reference OmniQuant† | **ours (LWC)** "
         "| calib s | threads |",
@@ -202,6 +206,60 @@ def compare(results: Path) -> str:
     return "\n".join(out)
 
 
+WA_TARGETS = {"W8A8": "≤ 34.0", "W6A6": "≤ 36.7", "W4A4": "≤ RTN / 5 and < SmoothQuant-style"}
+
+
+def _pick(rows: list[dict], method: str, setting: str, let: bool) -> dict | None:
+    """The latest row of a method/setting; OmniQuant rows: the 16 × 512, 2-epoch, weight-lr 1e-3
+    recipe that the LET comparison uses."""
+    found = [
+        r
+        for r in rows
+        if r["method"] == method
+        and r["setting"] == setting
+        and bool(r.get("let")) == let
+        and (
+            method != "omniquant"
+            or (r.get("nsamples"), r.get("epochs"), r.get("weight_lr")) == (16, 2, 0.001)
+        )
+    ]
+    return found[-1] if found else None
+
+
+def _ppl(r: dict | None) -> str:
+    return _fmt(r["perplexity"] if r else None)
+
+
+def compare_let(results: Path) -> str:
+    """The README's LET tables: weight-activation settings, and LWC + LET against LWC alone."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    out = [
+        "| setting | target | RTN | SmoothQuant-style + RTN | **OmniQuant (LWC + LET)** "
+        "| calib s | threads |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for setting, target in WA_TARGETS.items():
+        om = _pick(rows, "omniquant", setting, True)
+        out.append(
+            f"| {setting} | {target} | {_ppl(_pick(rows, 'rtn', setting, False))} "
+            f"| {_ppl(_pick(rows, 'smoothquant', setting, True))} | **{_ppl(om)}** "
+            f"| {om['calib_seconds'] if om else '—'} | {om['threads'] if om else '—'} |"
+        )
+    out += [
+        "",
+        "| setting | LWC | **LWC + LET** | LWC calib s | LWC + LET calib s | threads |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for setting in ("W4A16", "W3A16g128"):
+        lwc, let = _pick(rows, "omniquant", setting, False), _pick(rows, "omniquant", setting, True)
+        out.append(
+            f"| {setting} | {_ppl(lwc)} | **{_ppl(let)}** "
+            f"| {lwc['calib_seconds'] if lwc else '—'} | {let['calib_seconds'] if let else '—'} "
+            f"| {let['threads'] if let else '—'} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2", help="model to measure (default smollm2)")
@@ -228,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and exit")
     p.add_argument("--compare", action="store_true", help="print the README comparison tables")
+    p.add_argument("--compare-let", action="store_true", help="print the README's LET / W-A tables")
     p.add_argument(
         "--zeroshot",
         action="store_true",
@@ -237,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         "--zeroshot-items", type=int, default=500, help="next-sentence items (default 500)"
     )
     a = p.parse_args(argv)
-    if a.table or a.compare:
-        print(table(a.results) if a.table else compare(a.results))
+    if a.table or a.compare or a.compare_let:
+        if a.compare_let:
+            print(compare_let(a.results))
+        else:
+            print(table(a.results) if a.table else compare(a.results))
         return 0
     torch.set_num_threads(a.threads)
     a.results.parent.mkdir(parents=True, exist_ok=True)

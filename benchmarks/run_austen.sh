@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces every austen-v1 row of the README, one heavy process at a time, appending to
-# benchmarks/results/austen.jsonl (delete it first for a clean table). Total: about 2 hours on 2 cores.
+# benchmarks/results/austen.jsonl (delete it first for a clean table). Total: about 3.5 hours on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B="python3 benchmarks/austen.py"
@@ -24,3 +24,17 @@ E="$B --results benchmarks/results/exploration.jsonl --threads 2 --methods omniq
 $E --loss mse
 $E --loss token-normalized
 for wlr in 1e-4 5e-4 1e-3 2e-3; do $E --weight-lr $wlr; done
+
+# Weight-activation rows (issue 3): RTN and SmoothQuant-style (LET's start, no training) at
+# 32 x 512 statistics; OmniQuant LWC + LET with weight training at 16 x 512, 2 epochs
+$B --threads 2 --methods rtn,smoothquant --settings W8A8,W6A6,W4A4
+$B --threads 2 --methods omniquant --let --settings W4A4,W6A6,W8A8 --nsamples 16 --epochs 2 --weight-lr 1e-3
+# LWC + LET against LWC alone (the LWC rows are the best-recipe rows above)
+$B --threads 2 --methods omniquant --let --settings W3A16g128,W4A16 --nsamples 16 --epochs 2 --weight-lr 1e-3
+
+# Zero-shot column: next-sentence accuracy on Persuasion (500 items), float / RTN / OmniQuant
+$B --threads 2 --zeroshot --methods float,rtn --settings W4A16g128,W3A16g128
+$B --threads 2 --zeroshot --methods omniquant --settings W3A16g128,W4A16g128 --nsamples 16 --epochs 2 --weight-lr 1e-3
+
+# Inference: size and speed of float32 / bf16 / packed W8A16, W4A16g128, W3A16g128 (2 threads)
+python3 benchmarks/inference.py --threads 2 --repeats 3
