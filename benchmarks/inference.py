@@ -118,6 +118,15 @@ def write_prompt(cache: Path, random_weights: bool) -> Path:
     return path
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across execve, so a child started by a big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -157,6 +166,16 @@ def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
     model.eval()
     ids = torch.load(a.cache / "prompt.pt").to(a.device)
     time_prefill(model, ids[:, :64])  # warm-up
+    if a.memory_only:  # the same work, shorter: peak memory does not depend on the timings
+        time_prefill(model, ids)
+        time_decode(model, ids[:, :32], 8)
+        return {
+            "variant": variant,
+            "memory_only": True,
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_source": "VmHWM",
+            "linear_mb": linear_bytes(model) / 2**20,
+        }
     prefill = [time_prefill(model, ids) for _ in range(repeats)]
     decode = [time_decode(model, ids[:, :32], DECODE) for _ in range(repeats)]
     return {
@@ -164,7 +183,8 @@ def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "linear_mb": linear_bytes(model) / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_source": "VmHWM",
         "prefill_tok_s": PREFILL / statistics.median(prefill),
         "decode_tok_s": DECODE / statistics.median(decode),
         "peak_device_mb": (
@@ -176,8 +196,20 @@ def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
     }
 
 
+def _memory_of(r: dict | None) -> dict:
+    return {"peak_rss_mb": r["peak_rss_mb"], "rss_source": r["rss_source"]} if r else {}
+
+
+def _rss(r: dict) -> str:
+    """Rows measured before the VmHWM fix carry the parent's peak: not shown."""
+    return f"{r['peak_rss_mb']:.0f}" if r.get("rss_source") == "VmHWM" else "—"
+
+
 def table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    every = [json.loads(line) for line in path.read_text().splitlines()]
+    memory = {r["variant"]: r for r in every if r.get("memory_only")}
+    speed = [r for r in every if not r.get("memory_only")]
+    rows = [{**r, **_memory_of(memory.get(r["variant"]))} for r in speed]
     base = {r["variant"]: r for r in rows}.get("float32")
     lines = [
         "| model | linear MB | × float32 | peak RSS MB | prefill tok/s (512) "
@@ -188,7 +220,7 @@ def table(path: Path) -> str:
         size = r["linear_mb"] / base["linear_mb"] if base else float("nan")
         speed = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         lines.append(
-            f"| {r['variant']} | {r['linear_mb']:.1f} | {size:.3f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['variant']} | {r['linear_mb']:.1f} | {size:.3f} | {_rss(r)} "
             f"| {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {speed:.2f} "
             f"| {r['threads']} |"
         )
@@ -209,6 +241,11 @@ def main() -> int:
         action="store_true",
         help="SmolLM2's shape with random weights (no model files needed, e.g. on a GPU machine)",
     )
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only peak resident memory (prefill + 8 decode steps per variant), as separate rows",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.table:
@@ -227,6 +264,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--child", variant, "--threads", str(a.threads)]
         cmd += ["--repeats", str(a.repeats), "--cache", str(a.cache), "--device", a.device]
         cmd += ["--random-weights"] if a.random_weights else []
+        cmd += ["--memory-only"] if a.memory_only else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(row))
