@@ -26,6 +26,8 @@ def _layer(out_f: int, in_f: int, bits: int, group: int | None, bias: bool = Tru
         ((64, 96), 8, None, "int8"),
         ((64, 96), 8, 32, "unpack"),
         ((40, 70), 3, 32, "unpack"),
+        ((64, 128), 3, 32, "int4"),  # 3-bit codes run through the 4-bit kernel
+        ((32, 576), 2, 64, "int4"),
         ((50, 64), 4, 32, "unpack"),  # out not a multiple of 16: no int4 kernel
         ((32, 64), 2, 16, "unpack"),
     ],
@@ -37,7 +39,7 @@ def test_each_kernel_path_agrees_with_the_fake_quantized_linear(shape, bits, gro
     want = F.linear(x, w, b)
     got = layer(x)
     assert got.shape == want.shape
-    tolerance = 1e-4 if path == "unpack" else 2e-2  # the kernels take bf16 activations
+    tolerance = 1e-4 if path == "unpack" else 3e-2  # the kernels take bf16 activations
     assert (got - want).abs().max() <= tolerance * want.abs().max()
 
 

@@ -1,7 +1,9 @@
 """`QuantLinear`: a linear layer that keeps its weight as integer codes and runs a real kernel.
 
 Three paths, chosen per layer from its bits, group size, shape and device:
-  * int4 — PyTorch's weight-only int4 matmul: on the CPU `_convert_weight_to_int4pack_for_cpu` /
+  * int4 — 2-, 3- and 4-bit weights (a 2/3-bit code is a 4-bit code that leaves the top values
+    unused, so the same kernel runs them at 4 bits per weight in memory, while the file keeps
+    2/3 bits): PyTorch's weight-only int4 matmul: on the CPU `_convert_weight_to_int4pack_for_cpu` /
     `_weight_int4pack_mm_for_cpu`, on CUDA the tinygemm `_convert_weight_to_int4pack` /
     `_weight_int4pack_mm` (bf16). The kernels compute w = (u - 8) * s + m per group, so our
     w = (u - z) * s becomes m = (8 - z) * s. They need a uniform group of 32/64/128/256 channels
@@ -11,7 +13,7 @@ Three paths, chosen per layer from its bits, group size, shape and device:
     x (u - z) s = s (x (u - 128)) - s (z - 128) sum(x), a per-row correction of the int8 product.
   * unpack — any other setting: the packed words are unpacked and dequantized on each call.
 The kernel paths take bf16 activations (the outputs then differ from the float32 fake-quantized
-layer by bf16 rounding, about 1% of the largest output); the unpack path computes in float32.
+layer by bf16 rounding, 1-3% of the largest output); the unpack path computes in float32.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def int4_group(
     qp: LinearQParams, out_features: int, device: torch.device | None = None
 ) -> int | None:
     """The uniform group size the int4 kernels can run this grid with, or None."""
-    if qp.bits != 4 or out_features % 16:
+    if qp.bits > 4 or out_features % 16:  # 2- and 3-bit codes are 4-bit codes that use less
         return None
     if device is not None and device.type == "cuda" and cuda_inner_k_tiles(qp.in_features) is None:
         return None
