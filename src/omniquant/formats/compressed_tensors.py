@@ -42,6 +42,17 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def linears_to_export(model: nn.Module) -> dict[str, nn.Linear]:
+    """`quantized_linears`, or an ExportError when the model carries no grid at all."""
+    linears = quantized_linears(model)
+    if not linears:
+        raise ExportError(
+            "the model has no quantization grids to export (scales and zero points); export a "
+            "model written by `omniquant quantize`"
+        )
+    return linears
+
+
 def check_compressed_tensors(model: nn.Module, config: OmniQuantConfig) -> None:
     """Raise ExportError, saying why and what would work, if the format cannot hold the run."""
     bits = config.weight.bits
@@ -61,12 +72,7 @@ def check_compressed_tensors(model: nn.Module, config: OmniQuantConfig) -> None:
             f"compressed-tensors' pack-quantized layout is read alike by every version only for "
             f"{', '.join(map(str, PACKED_BITS))} bits, not {bits}: {OTHER_FORMAT}"
         )
-    linears = quantized_linears(model)
-    if not linears:
-        raise ExportError(
-            "the model has no quantization grids to export (scales and zero points); export a "
-            "model written by `omniquant quantize`"
-        )
+    linears = linears_to_export(model)
     for name, linear in linears.items():
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
         if qp.ragged:

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from omniquant.config import OmniQuantConfig
-from omniquant.errors import ExportError, ModelError
-from omniquant.formats.compressed_tensors import quantized_linears
+from omniquant.errors import ModelError
+from omniquant.formats.compressed_tensors import linears_to_export, quantized_linears
 from omniquant.formats.packing import pack_rows, unpack_rows
 from omniquant.kernels.linear import QuantLinear
 from omniquant.quant.primitives import effective_group_size
@@ -41,12 +41,7 @@ SUFFIXES = ("qweight", "scales", "zeros")
 def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The safetensors state dict of the packed format."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    linears = quantized_linears(model)
-    if not linears:
-        raise ExportError(
-            "the model has no quantization grids to export (scales and zero points); export a "
-            "model written by `omniquant quantize`"
-        )
+    linears = linears_to_export(model)
     for name, linear in linears.items():
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
         codes = weight_codes(linear.weight, qp)
