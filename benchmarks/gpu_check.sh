@@ -17,11 +17,14 @@ print("torch", torch.__version__, "transformers", transformers.__version__,
 print(int(torch.cuda.is_available()))
 PY
 )
-python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+# a failing test must not hide the benchmark: run both, then fail with the tests' status
+status=0
+python3 -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider || status=$?
 if [ "$CUDA" = 1 ]; then
   python3 benchmarks/inference.py --device cuda --random-weights --repeats 3 \
     --variants float32,bfloat16,W8A16,W4A16g128,W3A16g128 \
-    --cache "$OUT/cache" --results "$OUT/inference-cuda.jsonl"
+    --cache "${CACHE:-/tmp/omniquant-gpu-cache}" --results "$OUT/inference-cuda.jsonl"
 else
   echo "no CUDA: inference benchmark on CUDA left out"
 fi
+exit "$status"

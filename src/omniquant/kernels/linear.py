@@ -132,7 +132,10 @@ class QuantLinear(nn.Module):
                     x2, self.packed, self.kernel_group, self.scale_zeros
                 )
         elif self.path == "int8":
-            y = torch._weight_int8pack_mm(x2, self.w8, self.scales)
+            if x2.is_cuda:  # PyTorch has no CUDA int8 weight-only matmul: widen the codes in bf16
+                y = (x2 @ self.w8.to(x2.dtype).t()) * self.scales
+            else:
+                y = torch._weight_int8pack_mm(x2, self.w8, self.scales)
             y = y - x2.sum(-1, keepdim=True) * self.correction
         else:
             y = x2 @ self._unpacked_weight().t()
