@@ -80,3 +80,38 @@ def test_a_refused_export_leaves_nothing_on_disk(tiny_llama_folder, tmp_path):
     with pytest.raises(ExportError, match="omniquant-packed"):
         omniquant.export(tmp_path / "q", tmp_path / "ct", "compressed-tensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def _rtn_model(family):
+    from omniquant.api import runtime_for
+    from omniquant.calibrate import calibrate_blocks
+    from omniquant.capture import capture_block_inputs
+    from omniquant.models import decoder_layers, get_architecture
+    from tests.conftest import random_ids, tiny_model
+
+    model = tiny_model(family)
+    with torch.no_grad():  # biases that are not zero, so that losing one shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(0.5 * torch.randn_like(p))
+    blocks = decoder_layers(model, get_architecture(model))
+    cap = capture_block_inputs(model, blocks, list(random_ids(2, 32).split(1)), "cpu")
+    config = OmniQuantConfig(WeightQuant(4, 16), calib=CalibConfig(method="rtn"))
+    calibrate_blocks(blocks, cap, config.weight, config.calib, runtime_for("cpu", progress=False))
+    return model, config
+
+
+def test_every_family_round_trips_through_the_packed_format(family, tmp_path):
+    from omniquant.formats.packed import write_packed
+    from tests.conftest import random_ids
+
+    model, config = _rtn_model(family)
+    write_packed(model, None, {"config": config.to_dict()}, tmp_path / "q")
+    ids = random_ids(2, 24)
+    with torch.no_grad():
+        want = model(ids).logits
+        loaded, _ = omniquant.load(tmp_path / "q")
+        assert torch.allclose(loaded(ids).logits, want, atol=1e-4)
+        fast, _ = omniquant.load(tmp_path / "q", kernels=True)
+        got = fast(ids).logits
+    assert (got - want).abs().max() <= 3e-2 * want.abs().max()

@@ -30,6 +30,7 @@ from omniquant.errors import ModelError
 from omniquant.formats.compressed_tensors import linears_to_export, quantized_linears
 from omniquant.formats.packing import pack_rows, unpack_rows
 from omniquant.kernels.linear import QuantLinear
+from omniquant.memory import parameters_on_meta, release_free_memory
 from omniquant.quant.primitives import effective_group_size
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
 
@@ -87,6 +88,10 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(owner, child, module)
 
 
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
 def load_packed(
     folder: Path,
     kernels: bool = False,
@@ -100,7 +105,7 @@ def load_packed(
     straight from the codes, so the float weights are never materialised. `prepare` runs on the
     model before the swap (it attaches the activation quantizers, which the swap keeps).
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -108,42 +113,51 @@ def load_packed(
     if report["format"].get("version") != FORMAT["version"]:
         raise ModelError(f"{folder}: omniquant-packed version {report['format']} is not readable")
     config = OmniQuantConfig.from_dict(report["config"])
-    with no_init_weights():  # weights come from the file: untouched memory stays unallocated
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    model.float()
-    state = load_file(str(folder / WEIGHTS_FILE))
-    grids = {k[: -len(".qweight")] for k in state if k.endswith(".qweight")}
-    dense = {k: v for k, v in state.items() if k.rpartition(".")[0] not in grids}
-    missing, unexpected = model.load_state_dict(dense, strict=False)
-    expected_missing = {f"{g}.weight" for g in grids} | {"lm_head.weight"}
-    if unexpected or set(missing) - expected_missing:
-        raise ModelError(
-            f"{folder}: tensors do not match the model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]})"
+    with parameters_on_meta(), no_init_weights():  # the weights come from the file
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(folder), dtype=torch.float32
         )
-    model.tie_weights()
-    model.eval()
-    if prepare is not None:  # hooks on the linears carry over to their QuantLinear
-        prepare(model)
-    for name in sorted(grids):  # one layer at a time: codes never all in memory at once
-        linear = model.get_submodule(name)
-        assert isinstance(linear, nn.Linear)
-        qp = LinearQParams(
-            scale=state.pop(f"{name}.scales").float(),
-            zero=state.pop(f"{name}.zeros"),
-            bits=config.weight.bits,
-            group_size=effective_group_size(linear.in_features, config.weight.group_size),
-            in_features=linear.in_features,
-        )
-        codes = unpack_rows(state.pop(f"{name}.qweight"), qp.bits, linear.in_features)
-        if kernels:
-            layer = QuantLinear(codes, qp, linear.bias, device)
-            setattr(layer, QPARAMS_ATTR, qp)
-            _set_module(model, name, layer)
-        else:
-            with torch.no_grad():
-                linear.weight = nn.Parameter(dequantize(codes, qp, torch.float32), False)
-            setattr(linear, QPARAMS_ATTR, qp)
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as file:  # read as needed
+        names = set(file.keys())
+        grids = {k[: -len(".qweight")] for k in names if k.endswith(".qweight")}
+        packed = {f"{g}.{suffix}" for g in grids for suffix in SUFFIXES}
+        dense = {k: _as_float(file.get_tensor(k)) for k in sorted(names - packed)}
+        missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
+        del dense
+        expected_missing = {f"{g}.weight" for g in grids} | {"lm_head.weight"}
+        if unexpected or set(missing) - expected_missing:
+            raise ModelError(
+                f"{folder}: tensors do not match the model (missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]})"
+            )
+        model.tie_weights()
+        model.eval()
+        if prepare is not None:  # hooks on the linears carry over to their QuantLinear
+            prepare(model)
+        for name in sorted(grids):  # one layer at a time: codes never all in memory at once
+            linear = model.get_submodule(name)
+            assert isinstance(linear, nn.Linear)
+            qp = LinearQParams(
+                scale=file.get_tensor(f"{name}.scales").float(),
+                zero=file.get_tensor(f"{name}.zeros"),
+                bits=config.weight.bits,
+                group_size=effective_group_size(linear.in_features, config.weight.group_size),
+                in_features=linear.in_features,
+            )
+            codes = unpack_rows(file.get_tensor(f"{name}.qweight"), qp.bits, linear.in_features)
+            if kernels:
+                layer = QuantLinear(codes, qp, linear.bias, device)
+                setattr(layer, QPARAMS_ATTR, qp)
+                _set_module(model, name, layer)
+            else:
+                with torch.no_grad():
+                    linear.weight = nn.Parameter(dequantize(codes, qp, torch.float32), False)
+                setattr(linear, QPARAMS_ATTR, qp)
+            del codes
+            release_free_memory()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelError(f"{folder}: no tensor in the file for {left[:5]}")
     has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     return model, tokenizer, config
