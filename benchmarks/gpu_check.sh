@@ -2,7 +2,7 @@
 # GPU check, one short script: the tests marked `gpu` (calibration on CUDA with bf16 autocast,
 # LET + W8A8 on CUDA, the CUDA int4 kernel against fake quantization, a packed model running its
 # kernels on CUDA), then the inference benchmark on CUDA with SmolLM2's shape and random weights
-# (no model files needed). Without CUDA the tests are skipped, the benchmark is left out and the
+# (no model files needed), eager and compiled. Without CUDA the tests are skipped, the benchmark is left out and the
 # script still succeeds. Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,10 @@ if [ "$CUDA" = 1 ]; then
   python3 benchmarks/inference.py --device cuda --random-weights --repeats 3 \
     --variants float32,bfloat16,W8A16,W4A16g128,W3A16g128 \
     --cache "${CACHE:-/tmp/omniquant-gpu-cache}" --results "$OUT/inference-cuda.jsonl"
+  # decode without the per-token launch overhead: torch.compile + static cache + CUDA graphs
+  python3 benchmarks/inference.py --device cuda --random-weights --repeats 3 --compile \
+    --variants W4A16g128,float32,bfloat16 \
+    --cache "${CACHE:-/tmp/omniquant-gpu-cache}" --results "$OUT/inference-cuda-compile.jsonl"
 else
   echo "no CUDA: inference benchmark on CUDA left out"
 fi

@@ -158,6 +158,34 @@ def time_decode(model: torch.nn.Module, ids: torch.Tensor, new: int) -> float:
     return time.perf_counter() - t0
 
 
+class CompiledDecoder:
+    """Decode steps through torch.compile with a static KV cache (CUDA graphs on CUDA): the
+    per-token Python and launch overhead of the eager model goes, the kernels stay the same."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, length: int) -> None:
+        from transformers import StaticCache
+
+        self.model, self.device = model, device
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        self.step = torch.compile(model.forward, dynamic=False, mode=mode)
+
+    @torch.no_grad()
+    def time(self, ids: torch.Tensor, new: int) -> float:
+        """Seconds for `new` greedy steps after an eager prefill of `ids` into the cache."""
+        self.cache.reset()
+        out = self.model(ids, past_key_values=self.cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for i in range(new):
+            pos = torch.tensor([ids.shape[1] + i], device=self.device)
+            out = self.step(nxt, past_key_values=self.cache, use_cache=True, cache_position=pos)
+            nxt = out.logits[:, -1:].argmax(-1)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+
 def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
     """One variant, in this process."""
     torch.set_num_threads(a.threads)
@@ -177,9 +205,18 @@ def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
             "linear_mb": linear_bytes(model) / 2**20,
         }
     prefill = [time_prefill(model, ids) for _ in range(repeats)]
-    decode = [time_decode(model, ids[:, :32], DECODE) for _ in range(repeats)]
+    compile_s = None
+    if a.compile:
+        decoder = CompiledDecoder(model, ids.device, 32 + DECODE)
+        t0 = time.perf_counter()
+        decoder.time(ids[:, :32], 4)  # compiles
+        compile_s = time.perf_counter() - t0
+        decode = [decoder.time(ids[:, :32], DECODE) for _ in range(repeats)]
+    else:
+        decode = [time_decode(model, ids[:, :32], DECODE) for _ in range(repeats)]
     return {
-        "variant": variant,
+        "variant": variant + ("+compile" if a.compile else ""),
+        "compile_s": compile_s,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "linear_mb": linear_bytes(model) / 2**20,
@@ -210,13 +247,14 @@ def table(path: Path) -> str:
     memory = {r["variant"]: r for r in every if r.get("memory_only")}
     speed = [r for r in every if not r.get("memory_only")]
     rows = [{**r, **_memory_of(memory.get(r["variant"]))} for r in speed]
-    base = {r["variant"]: r for r in rows}.get("float32")
+    by_name = {r["variant"]: r for r in rows}
     lines = [
         "| model | linear MB | × float32 | peak RSS MB | prefill tok/s (512) "
         "| decode tok/s (128) | decode × float32 | threads |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        base = by_name.get("float32+compile" if r["variant"].endswith("+compile") else "float32")
         size = r["linear_mb"] / base["linear_mb"] if base else float("nan")
         speed = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         lines.append(
@@ -246,6 +284,12 @@ def main() -> int:
         action="store_true",
         help="only peak resident memory (prefill + 8 decode steps per variant), as separate rows",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile with a static cache (CUDA graphs on CUDA); "
+        "rows are named VARIANT+compile and compared with float32+compile",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.table:
@@ -265,6 +309,7 @@ def main() -> int:
         cmd += ["--repeats", str(a.repeats), "--cache", str(a.cache), "--device", a.device]
         cmd += ["--random-weights"] if a.random_weights else []
         cmd += ["--memory-only"] if a.memory_only else []
+        cmd += ["--compile"] if a.compile else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(row))
