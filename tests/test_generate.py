@@ -45,3 +45,13 @@ def test_cli_quantize_packed_then_generate_with_kernels(tiny_llama_folder, tmp_p
     rc = main(["generate", str(out), "--prompt", "Anne", "--max-new-tokens", "4", "--kernels"])
     assert rc == 0
     assert capsys.readouterr().out.startswith("Anne")
+
+
+def test_compiled_generation_gives_the_same_greedy_tokens(tiny_llama_folder):
+    model, tokenizer = api.load(tiny_llama_folder)
+    model.generation_config.eos_token_id = None
+    eager = generate(model, tokenizer, "Mr. Knightley", max_new_tokens=6)
+    compiled = generate(model, tokenizer, "Mr. Knightley", max_new_tokens=6, compile=True)
+    assert compiled == eager
+    # the compiled forward was really used: transformers keeps it on the model
+    assert getattr(model, "_compiled_call", None) is not None

@@ -43,6 +43,18 @@ class _Writer:
         self.out.flush()
 
 
+def compile_options(device: torch.device) -> dict[str, Any]:
+    """`generate` options for compiled decoding: a static cache and a compile config. Transformers
+    compiles on its own only on accelerators; the CPU gains as well, so it is asked to there."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(
+        dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default"
+    )
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -52,9 +64,14 @@ def generate(
     temperature: float = 0.0,
     chat: bool = False,
     out: TextIO | None = None,
+    compile: bool = False,
 ) -> list[int]:
     """Generate up to `max_new_tokens` after the prompt (greedy when temperature is 0), writing
-    the text to `out` as it comes; returns the new token ids."""
+    the text to `out` as it comes; returns the new token ids.
+
+    compile=True decodes through `torch.compile` with a static KV cache (CUDA graphs on CUDA):
+    the first call spends tens of seconds compiling, later tokens come faster (SmolLM2 W4A16g128
+    on 2 CPU threads: see the README's inference table)."""
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
     streamer = None
@@ -65,6 +82,7 @@ def generate(
     sampling = (
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
+    extra = compile_options(device) if compile else {}
     result = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -74,5 +92,6 @@ def generate(
         top_p=None,
         top_k=None,
         **sampling,
+        **extra,
     )
     return result[0, ids.shape[1] :].tolist()
