@@ -115,3 +115,21 @@ def test_every_family_round_trips_through_the_packed_format(family, tmp_path):
         fast, _ = omniquant.load(tmp_path / "q", kernels=True)
         got = fast(ids).logits
     assert (got - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+def test_float_tensors_exact_in_bf16_are_stored_as_bf16(tmp_path):
+    from safetensors import safe_open
+
+    from omniquant.formats.packed import WEIGHTS_FILE, write_packed
+
+    model, config = _rtn_model("llama")
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():  # a bf16 checkpoint upcast to float32; the norms stay float32 values
+        emb.copy_(emb.bfloat16().float())
+    write_packed(model, None, {"config": config.to_dict()}, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / WEIGHTS_FILE), framework="pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.norm.weight").dtype == torch.float32
+    loaded, _ = omniquant.load(tmp_path / "q")
+    assert loaded.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(loaded.get_input_embeddings().weight, emb)

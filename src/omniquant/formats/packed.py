@@ -11,8 +11,11 @@ A folder with the model's config.json, tokenizer, `omniquant.json` (the run's re
 
 groups being `group_size` consecutive input channels with a shorter last group when it does not
 divide the width (n_groups = ceil(in / group_size); per-channel: one group). Every other tensor
-(embeddings, norms, biases, lm_head) is stored as it is. `omniquant.load(folder)` reads it back:
-as plain linears holding the dequantized weights, or with `kernels=True` as `QuantLinear`s.
+(embeddings, norms, biases, lm_head) is stored as it is, except that a float32 tensor whose
+values are all exact in bf16 is stored as bf16 (a bf16 checkpoint's embedding, say: half the
+bytes, nothing lost); the loader reads every float tensor back as float32.
+`omniquant.load(folder)` reads it back: as plain linears holding the dequantized weights, or with
+`kernels=True` as `QuantLinear`s.
 """
 
 from __future__ import annotations
@@ -39,9 +42,18 @@ WEIGHTS_FILE = "model.safetensors"
 SUFFIXES = ("qweight", "scales", "zeros")
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor as bf16 when that loses nothing (weights of a bf16 checkpoint, such as
+    its embedding, are exactly bf16 values even after the float32 upcast); else unchanged."""
+    if t.dtype != torch.float32:
+        return t
+    half = t.to(torch.bfloat16)
+    return half if torch.equal(half.float(), t) else t
+
+
 def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The safetensors state dict of the packed format."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: _compact(v.detach().contiguous()) for k, v in model.state_dict().items()}
     linears = linears_to_export(model)
     for name, linear in linears.items():
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
