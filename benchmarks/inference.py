@@ -91,6 +91,22 @@ def linear_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def file_sizes(cache: Path, variants: list[str], random_weights: bool) -> dict[str, float]:
+    """MiB of the weights file behind each variant: the float32 source, the packed folders."""
+    from omniquant.model_io import resolve_model_path
+
+    sizes = {}
+    for variant in variants:
+        if variant in PACKED:
+            folder = packed_folder(cache, variant, random_weights)
+        elif variant == "float32" and not random_weights:
+            folder = Path(resolve_model_path("smollm2"))
+        else:
+            continue
+        sizes[variant] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+    return sizes
+
+
 def load_variant(variant: str, cache: Path, device: str, random_weights: bool) -> torch.nn.Module:
     from omniquant import api
     from omniquant.model_io import load_model
@@ -290,6 +306,11 @@ def main() -> int:
         help="decode through torch.compile with a static cache (CUDA graphs on CUDA); "
         "rows are named VARIANT+compile and compared with float32+compile",
     )
+    p.add_argument(
+        "--sizes",
+        action="store_true",
+        help="print the model.safetensors size of float32 and each packed variant and exit",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.table:
@@ -299,6 +320,10 @@ def main() -> int:
         print(json.dumps(measure(a, a.child)))
         return 0
     a.cache.mkdir(parents=True, exist_ok=True)
+    if a.sizes:
+        for variant, mib in file_sizes(a.cache, a.variants.split(","), a.random_weights).items():
+            print(f"{variant}: model.safetensors {mib:.1f} MiB")
+        return 0
     write_prompt(a.cache, a.random_weights)
     for variant in a.variants.split(","):
         if variant in PACKED:  # quantize outside the measured process
