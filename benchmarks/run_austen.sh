@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces every austen-v1 row of the README, one heavy process at a time, appending to
-# benchmarks/results/austen.jsonl (delete it first for a clean table). Total: about 3.5 hours on 2 cores.
+# benchmarks/results/austen.jsonl (delete it first for a clean table). Total: about 4.5 hours on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B="python3 benchmarks/austen.py"
@@ -36,5 +36,21 @@ $B --threads 2 --methods omniquant --let --settings W3A16g128,W4A16 --nsamples 1
 $B --threads 2 --zeroshot --methods float,rtn --settings W4A16g128,W3A16g128
 $B --threads 2 --zeroshot --methods omniquant --settings W3A16g128,W4A16g128 --nsamples 16 --epochs 2 --weight-lr 1e-3
 
-# Inference: size and speed of float32 / bf16 / packed W8A16, W4A16g128, W3A16g128 (2 threads)
-python3 benchmarks/inference.py --threads 2 --repeats 3
+# Inference: size and speed of float32 / bf16 / packed W8A16, W4A16g128, W3A16g128 (2 threads),
+# peak memory, compiled decoding, 1 thread, two more runs of the float32/W4A16g128 pair, file sizes
+I="python3 benchmarks/inference.py"
+R=benchmarks/results
+$I --threads 2 --repeats 3
+$I --threads 2 --memory-only
+$I --threads 2 --repeats 3 --compile --variants float32,W4A16g128,W3A16g128 --results $R/inference_compile.jsonl
+$I --threads 1 --repeats 3 --variants float32,W4A16g128,W3A16g128 --results $R/inference_1thread.jsonl
+for run in 1 2; do
+  $I --threads 2 --repeats 3 --variants float32,W4A16g128 --results $R/inference_repeat.jsonl
+done
+$I --sizes
+# On a CUDA machine: bash benchmarks/gpu_check.sh (tests marked gpu + CUDA rows, eager and compiled)
+
+# Speed against the reference code, repeated: W3A16g128 at its budget on 1 thread, 2 more runs
+for run in 1 2; do
+  $B --results $R/speed_repeat.jsonl --threads 1 --methods omniquant --settings W3A16g128 --nsamples 32 --epochs 5
+done
