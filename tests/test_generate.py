@@ -55,3 +55,11 @@ def test_compiled_generation_gives_the_same_greedy_tokens(tiny_llama_folder):
     assert compiled == eager
     # the compiled forward was really used: transformers keeps it on the model
     assert getattr(model, "_compiled_call", None) is not None
+
+
+@pytest.mark.parametrize("args", [["--max-new-tokens", "0"], ["--temperature", "-0.5"]])
+def test_generate_refuses_bad_settings_with_a_clear_error(tiny_llama_folder, args, capsys):
+    rc = main(["generate", str(tiny_llama_folder), "--prompt", "Emma", *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and ("max_new_tokens" in err or "temperature" in err)

@@ -7,6 +7,8 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from omniquant.errors import ConfigError
+
 
 def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
     """(1, T) token ids of the prompt, through the chat template when asked."""
@@ -72,6 +74,10 @@ def generate(
     compile=True decodes through `torch.compile` with a static KV cache (CUDA graphs on CUDA):
     the first call spends tens of seconds compiling, later tokens come faster (SmolLM2 W4A16g128
     on 2 CPU threads: see the README's inference table)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:  # NaN included
+        raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
     streamer = None
