@@ -336,10 +336,17 @@ def evaluate(
     device: str = "cpu",
     batch_size: int = 4,
     progress: bool = True,
+    kernels: bool = False,
 ) -> float:
-    """Perplexity per the austen-v1 protocol (defaults) or on another text source."""
+    """Perplexity per the austen-v1 protocol (defaults) or on another text source.
+
+    kernels=True (a quantized folder given by path): the perplexity of the model as it runs with
+    the integer kernels (`load(path, kernels=True)`), bf16 activations included."""
+    given = isinstance(model, nn.Module)
+    if given and kernels:
+        raise ConfigError("kernels=True needs a model path; or pass load(path, kernels=True)[0]")
     if not isinstance(model, nn.Module):
-        model, tokenizer = load(model)
+        model, tokenizer = load(model, kernels=kernels, device=device)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: evaluate(model, tokenizer=...)")
     tokens = tokenize_text(tokenizer, load_text(dataset, split=EVAL_SPLITS.get(dataset, "train")))
@@ -348,7 +355,8 @@ def evaluate(
     try:
         return perplexity(model, windows, device, batch_size, progress)
     finally:
-        model.to("cpu")
+        if given:  # the caller's model goes back where models live between steps
+            model.to("cpu")
 
 
 def load(

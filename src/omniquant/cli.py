@@ -245,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the result into <model folder>/eval.json (read by `omniquant report`)",
     )
+    e.add_argument(
+        "--kernels",
+        action="store_true",
+        help="measure the quantized model as it runs with the integer kernels (bf16 activations) "
+        "instead of its fake-quantized float form (quantized folders only)",
+    )
     _add_runtime(e)
 
     r = sub.add_parser(
@@ -394,15 +400,17 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
         device=a.device,
         batch_size=a.eval_batch_size,
         progress=not a.quiet,
+        kernels=a.kernels,
     )
-    print(json.dumps({"model": a.model, "dataset": a.eval_dataset, "perplexity": ppl}))
-    return {"dataset": a.eval_dataset, "perplexity": ppl}
+    row = {"model": a.model, "dataset": a.eval_dataset, "perplexity": ppl, "kernels": a.kernels}
+    print(json.dumps(row))
+    return {"dataset": a.eval_dataset, "perplexity": ppl, "kernels": a.kernels}
 
 
 def _zeroshot(a: argparse.Namespace) -> dict[str, object]:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     require_lm_eval()  # before loading the model
-    model, tokenizer = api.load(a.model)
+    model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device)
     metrics = zeroshot(
         model,
         tokenizer,

@@ -133,3 +133,26 @@ def test_float_tensors_exact_in_bf16_are_stored_as_bf16(tmp_path):
     loaded, _ = omniquant.load(tmp_path / "q")
     assert loaded.get_input_embeddings().weight.dtype == torch.float32
     assert torch.equal(loaded.get_input_embeddings().weight, emb)
+
+
+def test_perplexity_with_the_kernels_is_that_of_the_fake_quantized_model(
+    tiny_llama_folder, tmp_path, capsys
+):
+    from omniquant.cli import main
+    from omniquant.errors import ConfigError
+
+    out = tmp_path / "p"
+    omniquant.quantize(
+        tiny_llama_folder, _config(4, 32), output=out, format="omniquant-packed", progress=False
+    )
+    kw = {"seqlen": 64, "max_windows": 4, "progress": False}
+    fake = omniquant.evaluate(out, **kw)
+    real = omniquant.evaluate(out, kernels=True, **kw)
+    assert abs(real - fake) <= 0.02 * fake
+    model, tokenizer = omniquant.load(out)
+    with pytest.raises(ConfigError, match="kernels=True needs a model path"):
+        omniquant.evaluate(model, tokenizer=tokenizer, kernels=True, **kw)
+    # a float folder has no integer form: a clear error, not a silent float run
+    args = ["eval", str(tiny_llama_folder), "--kernels", "--eval-windows", "2", "--quiet"]
+    assert main(args) == 2
+    assert "kernels=True needs a quantized model folder" in capsys.readouterr().err
