@@ -38,28 +38,30 @@ PREFILL, DECODE = 512, 128
 SHAPE_CONFIG = Path(__file__).parent / "smollm2-135m-config.json"
 
 
-def random_model() -> torch.nn.Module:
-    """SmolLM2-135M's shape with random weights (speed and size do not depend on the values):
-    for machines without the model files, such as a lent GPU machine."""
+def random_model(shape: Path) -> torch.nn.Module:
+    """A Llama-shaped model (the config at `shape`, SmolLM2-135M's by default) with random weights
+    (speed and size do not depend on the values): for machines without the model files, such as
+    a lent GPU machine, and for shapes larger than the embedded model."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(**json.loads(SHAPE_CONFIG.read_text()))
+    config = LlamaConfig(**json.loads(shape.read_text()))
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def packed_folder(cache: Path, variant: str, random_weights: bool) -> Path:
+def packed_folder(cache: Path, variant: str, shape: Path | None) -> Path:
     """The RTN omniquant-packed folder of a variant (made once)."""
     from omniquant import api
     from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 
-    folder = cache / (f"smollm2-{variant}-rtn-packed" + ("-random" if random_weights else ""))
+    name = f"smollm2-{variant}-rtn-packed" if shape is None else f"{shape.stem}-{variant}-random"
+    folder = cache / name
     if folder.exists():
         return folder
     bits, group = PACKED[variant]
     calib = CalibConfig(method="rtn", nsamples=2, seqlen=64)  # RTN: the data is not used
     config = OmniQuantConfig(WeightQuant(bits, group), calib=calib)
-    if not random_weights:
+    if shape is None:
         api.quantize("smollm2", config, output=folder, format="omniquant-packed", progress=False)
         return folder
     from omniquant.calibrate import calibrate_blocks
@@ -67,7 +69,7 @@ def packed_folder(cache: Path, variant: str, random_weights: bool) -> Path:
     from omniquant.formats.packed import write_packed
     from omniquant.models import decoder_layers, get_architecture
 
-    model = random_model()
+    model = random_model(shape)
     blocks = decoder_layers(model, get_architecture(model))
     ids = torch.randint(3, 1000, (2, 64))
     captured = capture_block_inputs(model, blocks, list(ids.split(1)), "cpu")
@@ -91,15 +93,15 @@ def linear_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def file_sizes(cache: Path, variants: list[str], random_weights: bool) -> dict[str, float]:
+def file_sizes(cache: Path, variants: list[str], shape: Path | None) -> dict[str, float]:
     """MiB of the weights file behind each variant: the float32 source, the packed folders."""
     from omniquant.model_io import resolve_model_path
 
     sizes = {}
     for variant in variants:
         if variant in PACKED:
-            folder = packed_folder(cache, variant, random_weights)
-        elif variant == "float32" and not random_weights:
+            folder = packed_folder(cache, variant, shape)
+        elif variant == "float32" and shape is None:
             folder = Path(resolve_model_path("smollm2"))
         else:
             continue
@@ -107,25 +109,29 @@ def file_sizes(cache: Path, variants: list[str], random_weights: bool) -> dict[s
     return sizes
 
 
-def load_variant(variant: str, cache: Path, device: str, random_weights: bool) -> torch.nn.Module:
+def load_variant(variant: str, cache: Path, device: str, shape: Path | None) -> torch.nn.Module:
     from omniquant import api
     from omniquant.model_io import load_model
 
     if variant in PACKED:
-        folder = packed_folder(cache, variant, random_weights)
+        folder = packed_folder(cache, variant, shape)
         return api.load(folder, kernels=True, device=device)[0]
-    model = random_model() if random_weights else load_model("smollm2")[0]
+    model = random_model(shape) if shape is not None else load_model("smollm2")[0]
     return model.to(device, getattr(torch, variant))
 
 
-def write_prompt(cache: Path, random_weights: bool) -> Path:
+def prompt_path(cache: Path, shape: Path | None) -> Path:
+    return cache / ("prompt.pt" if shape is None else "prompt-random.pt")
+
+
+def write_prompt(cache: Path, shape: Path | None) -> Path:
     """The first 512 tokens of Emma, made in the parent: reading the corpus would dominate the
     measured process's peak memory."""
     from omniquant.data import load_text, tokenize_text
     from omniquant.model_io import load_model
 
-    path = cache / "prompt.pt"
-    if random_weights:
+    path = prompt_path(cache, shape)
+    if shape is not None:
         torch.save(torch.randint(3, 1000, (1, PREFILL)), path)
     elif not path.exists():
         _, tokenizer = load_model("smollm2")
@@ -206,9 +212,9 @@ def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
     """One variant, in this process."""
     torch.set_num_threads(a.threads)
     repeats = a.repeats
-    model = load_variant(variant, a.cache, a.device, a.random_weights)
+    model = load_variant(variant, a.cache, a.device, a.shape)
     model.eval()
-    ids = torch.load(a.cache / "prompt.pt").to(a.device)
+    ids = torch.load(prompt_path(a.cache, a.shape)).to(a.device)
     time_prefill(model, ids[:, :64])  # warm-up
     if a.memory_only:  # the same work, shorter: peak memory does not depend on the timings
         time_prefill(model, ids)
@@ -244,7 +250,8 @@ def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
             torch.cuda.max_memory_allocated() / 2**20 if a.device == "cuda" else None
         ),
         "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
-        "random_weights": a.random_weights,
+        "random_weights": a.shape is not None,
+        "shape": None if a.shape is None else a.shape.stem,
         "torch": torch.__version__,
     }
 
@@ -296,6 +303,12 @@ def main() -> int:
         help="SmolLM2's shape with random weights (no model files needed, e.g. on a GPU machine)",
     )
     p.add_argument(
+        "--shape",
+        type=Path,
+        help="random weights in the shape of this Llama config.json instead (implies "
+        "--random-weights), e.g. benchmarks/llama-3.1-8b-config.json",
+    )
+    p.add_argument(
         "--memory-only",
         action="store_true",
         help="only peak resident memory (prefill + 8 decode steps per variant), as separate rows",
@@ -313,6 +326,7 @@ def main() -> int:
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.shape = a.shape or (SHAPE_CONFIG if a.random_weights else None)
     if a.table:
         print(table(a.results))
         return 0
@@ -321,18 +335,18 @@ def main() -> int:
         return 0
     a.cache.mkdir(parents=True, exist_ok=True)
     if a.sizes:
-        for variant, mib in file_sizes(a.cache, a.variants.split(","), a.random_weights).items():
+        for variant, mib in file_sizes(a.cache, a.variants.split(","), a.shape).items():
             print(f"{variant}: model.safetensors {mib:.1f} MiB")
         return 0
-    write_prompt(a.cache, a.random_weights)
+    write_prompt(a.cache, a.shape)
     for variant in a.variants.split(","):
         if variant in PACKED:  # quantize outside the measured process
-            packed_folder(a.cache, variant, a.random_weights)
+            packed_folder(a.cache, variant, a.shape)
     a.results.parent.mkdir(parents=True, exist_ok=True)
     for variant in a.variants.split(","):
         cmd = [sys.executable, __file__, "--child", variant, "--threads", str(a.threads)]
         cmd += ["--repeats", str(a.repeats), "--cache", str(a.cache), "--device", a.device]
-        cmd += ["--random-weights"] if a.random_weights else []
+        cmd += ["--shape", str(a.shape)] if a.shape is not None else []
         cmd += ["--memory-only"] if a.memory_only else []
         cmd += ["--compile"] if a.compile else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
