@@ -50,6 +50,14 @@ done
 $I --sizes
 # On a CUDA machine: bash benchmarks/gpu_check.sh (tests marked gpu + CUDA rows, eager and compiled)
 
+# Perplexity of a packed OmniQuant W4A16g128 model as it is stored (fake-quantized float form)
+# and as the integer kernels run it (bf16 activations); results in benchmarks/results/kernels_ppl.txt
+K=$(mktemp -d)/w4g128-packed
+omniquant quantize --wbits 4 --group-size 128 --nsamples 16 --seqlen 512 --epochs 2 --weight-lr 1e-3 \
+  --dtype float32 --format omniquant-packed --output "$K" --threads 2 --quiet
+omniquant eval "$K" --threads 2 --quiet | tee -a $R/kernels_ppl.txt
+omniquant eval "$K" --kernels --threads 2 --quiet | tee -a $R/kernels_ppl.txt
+
 # Speed against the reference code, repeated: W3A16g128 at its budget on 1 thread, 2 more runs
 for run in 1 2; do
   $B --results $R/speed_repeat.jsonl --threads 1 --methods omniquant --settings W3A16g128 --nsamples 32 --epochs 5
