@@ -63,3 +63,20 @@ def test_generate_refuses_bad_settings_with_a_clear_error(tiny_llama_folder, arg
     assert rc == 2
     err = capsys.readouterr().err
     assert "error:" in err and ("max_new_tokens" in err or "temperature" in err)
+
+
+@pytest.mark.skipif(not AUSTEN_RDB.exists(), reason="needs the Austen corpus")
+def test_compiled_generation_through_the_int4_kernels_matches_eager(tiny_llama_folder, tmp_path):
+    from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
+    from omniquant.kernels.linear import QuantLinear
+
+    config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2))
+    api.quantize(
+        tiny_llama_folder, config, output=tmp_path / "q", format="omniquant-packed", progress=False
+    )
+    model, tokenizer = api.load(tmp_path / "q", kernels=True)
+    assert any(isinstance(m, QuantLinear) and m.path == "int4" for m in model.modules())
+    model.generation_config.eos_token_id = None
+    eager = generate(model, tokenizer, "Captain Wentworth", max_new_tokens=6)
+    compiled = generate(model, tokenizer, "Captain Wentworth", max_new_tokens=6, compile=True)
+    assert compiled == eager
