@@ -194,3 +194,18 @@ def test_demo_prints_float_rtn_and_omniquant_rows(tiny_llama_folder):
     assert [r.split("|")[1].strip() for r in rows] == ["float", "rtn", "omniquant"]
     assert all(float(r.split("|")[3]) > 1 for r in rows)
     assert "W4A16g32" in rows[1]
+
+
+@needs_austen
+def test_quiet_silences_transformers_bars_for_the_command_only(tiny_llama_folder, capsys):
+    from transformers.utils import logging as hf_logging
+
+    from omniquant.cli import main
+
+    assert hf_logging.is_progress_bar_enabled()
+    rc = main(
+        ["eval", str(tiny_llama_folder), "--eval-windows", "2", "--eval-seqlen", "32", "--quiet"]
+    )
+    assert rc == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # back as it was

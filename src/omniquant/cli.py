@@ -507,11 +507,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet:  # transformers' own bars too ("Loading weights")
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except OmniQuantError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if bars and args.quiet:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":
