@@ -346,7 +346,7 @@ def evaluate(
     if given and kernels:
         raise ConfigError("kernels=True needs a model path; or pass load(path, kernels=True)[0]")
     if not isinstance(model, nn.Module):
-        model, tokenizer = load(model, kernels=kernels, device=device)
+        model, tokenizer = load(model, kernels=kernels, device=device, progress=progress)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: evaluate(model, tokenizer=...)")
     tokens = tokenize_text(tokenizer, load_text(dataset, split=EVAL_SPLITS.get(dataset, "train")))
@@ -360,7 +360,10 @@ def evaluate(
 
 
 def load(
-    path: str | os.PathLike[str] | None, kernels: bool = False, device: str = "cpu"
+    path: str | os.PathLike[str] | None,
+    kernels: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load a model folder written by `quantize` or `export` (or any model `load_model` takes):
     (model, tokenizer), with its activation quantizers attached where the run had them.
@@ -377,7 +380,11 @@ def load(
         fmt = saved.get("format", {}).get("name", "fake")
     if folder is not None and config is not None and fmt == "omniquant-packed":
         model, tokenizer, _ = load_packed(
-            folder, kernels, device, prepare=lambda m: attach_act_quantizers_all(m, config)
+            folder,
+            kernels,
+            device,
+            prepare=lambda m: attach_act_quantizers_all(m, config),
+            progress=progress,
         )
         return model.to(device), tokenizer
     model, tokenizer = load_model(path)

@@ -410,7 +410,7 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
 def _zeroshot(a: argparse.Namespace) -> dict[str, object]:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     require_lm_eval()  # before loading the model
-    model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device)
+    model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device, progress=not a.quiet)
     metrics = zeroshot(
         model,
         tokenizer,
@@ -474,7 +474,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from omniquant.generate import generate
 
-    model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device)
+    model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device, progress=not a.quiet)
     torch.manual_seed(a.seed)
     generate(
         model,

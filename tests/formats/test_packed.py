@@ -156,3 +156,15 @@ def test_perplexity_with_the_kernels_is_that_of_the_fake_quantized_model(
     args = ["eval", str(tiny_llama_folder), "--kernels", "--eval-windows", "2", "--quiet"]
     assert main(args) == 2
     assert "kernels=True needs a quantized model folder" in capsys.readouterr().err
+
+
+def test_packed_loading_shows_a_bar_only_when_asked(tmp_path, capsys):
+    from omniquant.formats.packed import write_packed
+
+    model, config = _rtn_model("llama")
+    write_packed(model, None, {"config": config.to_dict()}, tmp_path / "q")
+    capsys.readouterr()
+    omniquant.load(tmp_path / "q", kernels=True)
+    assert "packed layers" not in capsys.readouterr().err
+    omniquant.load(tmp_path / "q", kernels=True, progress=True)
+    assert "packed layers" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from omniquant.config import OmniQuantConfig
 from omniquant.errors import ModelError
@@ -109,6 +110,7 @@ def load_packed(
     kernels: bool = False,
     device: str = "cpu",
     prepare: Callable[[nn.Module], None] | None = None,
+    progress: bool = False,
 ) -> tuple[nn.Module, Any, OmniQuantConfig]:
     """(model, tokenizer, config) from an omniquant-packed folder.
 
@@ -146,7 +148,8 @@ def load_packed(
         model.eval()
         if prepare is not None:  # hooks on the linears carry over to their QuantLinear
             prepare(model)
-        for name in sorted(grids):  # one layer at a time: codes never all in memory at once
+        layers = tqdm(sorted(grids), desc="packed layers", disable=not progress)
+        for name in layers:  # one layer at a time: codes never all in memory at once
             linear = model.get_submodule(name)
             assert isinstance(linear, nn.Linear)
             qp = LinearQParams(
