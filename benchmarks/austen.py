@@ -296,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         "--zeroshot-items", type=int, default=500, help="next-sentence items (default 500)"
     )
     a = p.parse_args(argv)
-    if a.table or a.compare or a.compare_let:
-        if a.compare_let:
-            print(compare_let(a.results))
-        else:
-            print(table(a.results) if a.table else compare(a.results))
+    if a.compare_let:
+        print(compare_let(a.results))
+        return 0
+    if a.table or a.compare:
+        print(table(a.results) if a.table else compare(a.results))
         return 0
     torch.set_num_threads(a.threads)
     a.results.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${1:-${OUT:-/tmp/omniquant-gpu-check}}"
+CACHE="${CACHE:-/tmp/omniquant-gpu-cache}"
 mkdir -p "$OUT"
 CUDA=$(python3 - <<'PY'
 import torch, transformers
@@ -24,17 +25,17 @@ python3 -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider || status=
 if [ "$CUDA" = 1 ]; then
   python3 benchmarks/inference.py --device cuda --random-weights --repeats 3 \
     --variants float32,bfloat16,W8A16,W4A16g128,W3A16g128 \
-    --cache "${CACHE:-/tmp/omniquant-gpu-cache}" --results "$OUT/inference-cuda.jsonl"
+    --cache "$CACHE" --results "$OUT/inference-cuda.jsonl"
   # decode without the per-token launch overhead: torch.compile + static cache + CUDA graphs
   python3 benchmarks/inference.py --device cuda --random-weights --repeats 3 --compile \
     --variants W4A16g128,float32,bfloat16 \
-    --cache "${CACHE:-/tmp/omniquant-gpu-cache}" --results "$OUT/inference-cuda-compile.jsonl"
+    --cache "$CACHE" --results "$OUT/inference-cuda-compile.jsonl"
   if [ "${LARGE:-0}" = 1 ]; then
     # an 8B model's shape (Llama-3.1-8B, random weights): large enough for weight bytes to
     # dominate a decode step; several minutes (building and packing 8B parameters on the CPU)
     python3 benchmarks/inference.py --device cuda --shape benchmarks/llama-3.1-8b-config.json \
       --repeats 3 --variants bfloat16,W4A16g128 \
-      --cache "${CACHE:-/tmp/omniquant-gpu-cache}" --results "$OUT/inference-cuda-8b.jsonl"
+      --cache "$CACHE" --results "$OUT/inference-cuda-8b.jsonl"
   fi
 else
   echo "no CUDA: inference benchmark on CUDA left out"

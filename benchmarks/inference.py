@@ -25,7 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -164,48 +166,44 @@ def time_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def time_decode(model: torch.nn.Module, ids: torch.Tensor, new: int) -> float:
-    """Seconds for `new` greedy steps of one token each, after the prompt is cached."""
+def time_decode(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    new: int,
+    cache: Any = None,
+    step: Callable[..., Any] | None = None,
+) -> float:
+    """Seconds for `new` greedy steps of one token each, after an eager prefill of `ids` into
+    `cache` (a fresh DynamicCache by default; a given one is reset); `step` runs each step (the
+    model itself by default, or its compiled forward)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    if cache is None:
+        cache = DynamicCache()
+    else:
+        cache.reset()
+    step = model if step is None else step
     out = model(ids, past_key_values=cache, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     t0 = time.perf_counter()
-    for _ in range(new):
-        out = model(nxt, past_key_values=cache, use_cache=True)
+    for i in range(new):
+        pos = torch.tensor([ids.shape[1] + i], device=ids.device)
+        out = step(nxt, past_key_values=cache, use_cache=True, cache_position=pos)
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     return time.perf_counter() - t0
 
 
-class CompiledDecoder:
-    """Decode steps through torch.compile with a static KV cache (CUDA graphs on CUDA): the
-    per-token Python and launch overhead of the eager model goes, the kernels stay the same."""
+def compiled_decoding(model: torch.nn.Module, length: int) -> tuple[Any, Callable[..., Any]]:
+    """(static KV cache, compiled forward) for `time_decode`: torch.compile (CUDA graphs on
+    CUDA) takes away the eager model's per-token Python and launch overhead; the kernels stay."""
+    from transformers import StaticCache
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, length: int) -> None:
-        from transformers import StaticCache
-
-        self.model, self.device = model, device
-        self.cache = StaticCache(config=model.config, max_cache_len=length)
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        self.step = torch.compile(model.forward, dynamic=False, mode=mode)
-
-    @torch.no_grad()
-    def time(self, ids: torch.Tensor, new: int) -> float:
-        """Seconds for `new` greedy steps after an eager prefill of `ids` into the cache."""
-        self.cache.reset()
-        out = self.model(ids, past_key_values=self.cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        _sync(self.device)
-        t0 = time.perf_counter()
-        for i in range(new):
-            pos = torch.tensor([ids.shape[1] + i], device=self.device)
-            out = self.step(nxt, past_key_values=self.cache, use_cache=True, cache_position=pos)
-            nxt = out.logits[:, -1:].argmax(-1)
-        _sync(self.device)
-        return time.perf_counter() - t0
+    device = next(model.parameters()).device
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    return cache, torch.compile(model.forward, dynamic=False, mode=mode)
 
 
 def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
@@ -229,11 +227,11 @@ def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
     prefill = [time_prefill(model, ids) for _ in range(repeats)]
     compile_s = None
     if a.compile:
-        decoder = CompiledDecoder(model, ids.device, 32 + DECODE)
+        cache, step = compiled_decoding(model, 32 + DECODE)
         t0 = time.perf_counter()
-        decoder.time(ids[:, :32], 4)  # compiles
+        time_decode(model, ids[:, :32], 4, cache, step)  # compiles
         compile_s = time.perf_counter() - t0
-        decode = [decoder.time(ids[:, :32], DECODE) for _ in range(repeats)]
+        decode = [time_decode(model, ids[:, :32], DECODE, cache, step) for _ in range(repeats)]
     else:
         decode = [time_decode(model, ids[:, :32], DECODE) for _ in range(repeats)]
     return {

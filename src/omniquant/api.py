@@ -345,7 +345,7 @@ def evaluate(
     given = isinstance(model, nn.Module)
     if given and kernels:
         raise ConfigError("kernels=True needs a model path; or pass load(path, kernels=True)[0]")
-    if not isinstance(model, nn.Module):
+    if not given:
         model, tokenizer = load(model, kernels=kernels, device=device, progress=progress)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: evaluate(model, tokenizer=...)")

@@ -402,9 +402,9 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
         progress=not a.quiet,
         kernels=a.kernels,
     )
-    row = {"model": a.model, "dataset": a.eval_dataset, "perplexity": ppl, "kernels": a.kernels}
-    print(json.dumps(row))
-    return {"dataset": a.eval_dataset, "perplexity": ppl, "kernels": a.kernels}
+    result = {"dataset": a.eval_dataset, "perplexity": ppl, "kernels": a.kernels}
+    print(json.dumps({"model": a.model, **result}))
+    return result
 
 
 def _zeroshot(a: argparse.Namespace) -> dict[str, object]:

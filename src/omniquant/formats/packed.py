@@ -54,7 +54,7 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The safetensors state dict of the packed format."""
-    state = {k: _compact(v.detach().contiguous()) for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     linears = linears_to_export(model)
     for name, linear in linears.items():
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
@@ -65,7 +65,7 @@ def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{name}.zeros"] = qp.zero
     if getattr(model.config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
-    return state
+    return {k: _compact(v) for k, v in state.items()}
 
 
 def write_packed(model: nn.Module, tokenizer: Any, report: dict[str, Any], folder: Path) -> None:
@@ -99,6 +99,15 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     module._forward_pre_hooks.update(old._forward_pre_hooks)  # activation quantizers stay
     module._forward_hooks.update(old._forward_hooks)
     setattr(owner, child, module)
+
+
+def _swap_for_kernel(
+    model: nn.Module, name: str, codes: torch.Tensor, qp: LinearQParams, device: str
+) -> None:
+    """Put a `QuantLinear` (carrying its grid) where the linear `name` is."""
+    layer = QuantLinear(codes, qp, model.get_submodule(name).bias, device)
+    setattr(layer, QPARAMS_ATTR, qp)
+    _set_module(model, name, layer)
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
@@ -161,9 +170,7 @@ def load_packed(
             )
             codes = unpack_rows(file.get_tensor(f"{name}.qweight"), qp.bits, linear.in_features)
             if kernels:
-                layer = QuantLinear(codes, qp, linear.bias, device)
-                setattr(layer, QPARAMS_ATTR, qp)
-                _set_module(model, name, layer)
+                _swap_for_kernel(model, name, codes, qp, device)
             else:
                 with torch.no_grad():
                     linear.weight = nn.Parameter(dequantize(codes, qp, torch.float32), False)
@@ -183,7 +190,6 @@ def use_kernels(model: nn.Module, device: str = "cpu") -> int:
     n = 0
     for name, linear in list(quantized_linears(model).items()):
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
-        codes = weight_codes(linear.weight, qp)
-        _set_module(model, name, QuantLinear(codes, qp, linear.bias, device))
+        _swap_for_kernel(model, name, weight_codes(linear.weight, qp), qp, device)
         n += 1
     return n
