@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 THREADS ?= 2
 AUSTEN := /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
-STAMP := .deps-installed
+STAMP ?= .deps-installed
 
 .PHONY: deps demo test lint bench clean
 
