@@ -9,6 +9,7 @@ With `learnable=False` the strengths stay at 1 and the module is plain round-to-
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -50,7 +51,10 @@ class LWC(nn.Module):
         if learnable:
             self.upper_logit = nn.Parameter(torch.full(shape, float(init)))  # a
             self.lower_logit = nn.Parameter(torch.full(shape, float(init)))  # b
-        self._cache: tuple[tuple[int, int, torch.device], _Grouped] | None = None
+        # the grouped form of the last frozen weight seen, with a weak reference to that very tensor:
+        # a hit needs the same live tensor at the same version, so a freed temporary (LET's
+        # transformed weight) can never match a new tensor that reuses its memory
+        self._cache: tuple[weakref.ref[torch.Tensor], int, _Grouped] | None = None
         self.last_params: AffineParams | None = None  # scale/zero of the latest forward
 
     def strengths(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -64,13 +68,15 @@ class LWC(nn.Module):
         if weight.requires_grad:  # the weight itself trains: groups must carry its gradient
             wg = to_groups(weight.float(), self.spec.group_size)
             return _Grouped(wg, wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True))
-        key = (weight.data_ptr(), weight._version, weight.device)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                wg = to_groups(weight.detach().float(), self.spec.group_size)
-                grouped = _Grouped(wg, wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True))
-            self._cache = (key, grouped)
-        return self._cache[1]
+        if self._cache is not None:
+            ref, version, grouped = self._cache
+            if ref() is weight and weight._version == version:
+                return grouped
+        with torch.no_grad():
+            wg = to_groups(weight.detach().float(), self.spec.group_size)
+            grouped = _Grouped(wg, wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True))
+        self._cache = (weakref.ref(weight), weight._version, grouped)
+        return grouped
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         upper, lower = self.strengths()
