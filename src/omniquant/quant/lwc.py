@@ -51,7 +51,7 @@ class LWC(nn.Module):
         if learnable:
             self.upper_logit = nn.Parameter(torch.full(shape, float(init)))  # a
             self.lower_logit = nn.Parameter(torch.full(shape, float(init)))  # b
-        # the grouped form of the last frozen weight seen, with a weak reference to that very tensor:
+        # the grouped form of the last frozen weight seen, with a weak reference to that tensor:
         # a hit needs the same live tensor at the same version, so a freed temporary (LET's
         # transformed weight) can never match a new tensor that reuses its memory
         self._cache: tuple[weakref.ref[torch.Tensor], int, _Grouped] | None = None
