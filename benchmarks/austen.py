@@ -45,6 +45,21 @@ def parse_setting(s: str) -> tuple[WeightQuant, ActQuant]:
     return WeightQuant(int(m.group(1)), group), ActQuant(int(m.group(2)))
 
 
+def variant_fields(pairs: list[str]) -> dict[str, object]:
+    """`FIELD=VALUE` pairs as CalibConfig keyword arguments (true/false, numbers, strings)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        value: object = {"true": True, "false": False}.get(text.lower(), text)
+        if isinstance(value, str):
+            try:
+                value = float(text) if "." in text or "e" in text.lower() else int(text)
+            except ValueError:
+                value = text
+        out[key.replace("-", "_")] = value
+    return out
+
+
 def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, object]:
     model, tokenizer = load_model(a.model)
     row: dict[str, object] = {"method": method, "setting": setting if method != "float" else "-"}
@@ -64,6 +79,7 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             aug_loss=a.aug_loss,
             batch_size=a.batch_size,
             seed=a.seed,
+            **variant_fields(a.set),
         )
         config = OmniQuantConfig(weight, act, calib)
         t0 = time.perf_counter()
@@ -82,6 +98,7 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             aug_loss=a.aug_loss,
             dtype=a.dtype,
             nan_events=result.report["nan_events"],
+            variant=variant_fields(a.set),
             loss_before=[b["loss_before"] for b in blocks],
             loss_after=[b["loss_after"] for b in blocks],
         )
@@ -282,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aug-loss", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other CalibConfig field (an ablation), e.g. --set zero_point_ste=false",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and exit")

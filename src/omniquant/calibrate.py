@@ -100,7 +100,14 @@ def attach_quantizers(block: nn.Module, spec: WeightQuant, cfg: CalibConfig) -> 
     learnable = cfg.method == "omniquant" and cfg.lwc
     quantizers: dict[str, LWC] = {}
     for name, linear in block_linears(block).items():
-        q = LWC(linear.out_features, linear.in_features, spec, learnable, cfg.lwc_init)
+        q = LWC(
+            linear.out_features,
+            linear.in_features,
+            spec,
+            learnable,
+            cfg.lwc_init,
+            zero_point_ste=cfg.zero_point_ste,
+        )
         q.to(
             _original(block, name).device
             if parametrize.is_parametrized(linear, "weight")

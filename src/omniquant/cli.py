@@ -95,6 +95,14 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "--no-qkv-quant for a model that compressed-tensors can hold at W8A8)",
     )
     p.add_argument(
+        "--qkv-point",
+        choices=["attention", "projection"],
+        default="attention",
+        help="where q, k, v are quantized with --abits < 16: attention = as the attention "
+        "reads them (after RoPE and q/k norms; keys and values as the KV cache holds them), as "
+        "the reference code does (default); projection = the q/k/v projections' outputs",
+    )
+    p.add_argument(
         "--group-size",
         type=int,
         default=0,
@@ -167,6 +175,14 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "plain OmniQuant; >0 = block-wise weight fine-tuning, as in EfficientQAT)",
     )
     p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
+    p.add_argument(
+        "--zero-point-grad",
+        choices=["ste", "none"],
+        default="ste" if d.zero_point_ste else "none",
+        help="gradient through the rounding of each group's zero point to the clipping "
+        "strengths: ste = straight-through; none = hard rounding, as the reference code "
+        f"(default {'ste' if d.zero_point_ste else 'none'}; see README, differences)",
+    )
     p.add_argument(
         "--aug-loss",
         action="store_true",
@@ -324,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
     return OmniQuantConfig(
         weight=WeightQuant(bits=a.wbits, group_size=a.group_size or None, symmetric=a.symmetric),
-        act=ActQuant(bits=a.abits, quantize_qkv=a.qkv_quant),
+        act=ActQuant(bits=a.abits, quantize_qkv=a.qkv_quant, qkv_point=a.qkv_point),
         calib=CalibConfig(
             method=a.method,
             lwc=a.lwc,
@@ -342,6 +358,7 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             loss=a.loss,
             calib_dataset=a.calib_dataset,
             seed=a.seed,
+            zero_point_ste=a.zero_point_grad == "ste",
         ),
         quantize_lm_head=a.quantize_lm_head,
     )

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from omniquant.errors import ConfigError
 
 Method = Literal["omniquant", "rtn"]
+QkvPoint = Literal["attention", "projection"]
 LossWeighting = Literal["mse", "token-normalized"]
 
 MIN_BITS = 2
@@ -61,8 +62,16 @@ class ActQuant:
     bits: int = NO_QUANT_BITS
     quantize_qkv: bool = True
     symmetric: bool = False
+    # where q, k and v are quantized: "attention" = as the attention function receives them (after
+    # RoPE and any q/k norm; k and v as the KV cache stores them), per token and head, as the
+    # reference code does; "projection" = the q/k/v projections' outputs, before RoPE
+    qkv_point: QkvPoint = "attention"
 
     def __post_init__(self) -> None:
+        if self.qkv_point not in ("attention", "projection"):
+            raise ConfigError(
+                f"qkv_point must be 'attention' or 'projection', got {self.qkv_point!r}"
+            )
         if self.bits != NO_QUANT_BITS and not (
             isinstance(self.bits, int) and 4 <= self.bits <= MAX_BITS
         ):
@@ -99,6 +108,7 @@ class CalibConfig:
     max_nan_retries: int = 4
     lwc_init: float = 4.0
     let_alpha: float | None = None  # None: 0.5, or 0.75 with 4-bit activations; identity if A16
+    zero_point_ste: bool = True  # straight-through gradient through the zero point's rounding
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):

@@ -32,6 +32,7 @@ class Architecture:
     final_norm: str | None = "model.norm"
     lm_head: str = "lm_head"
     attn_norm: str | None = "input_layernorm"
+    attention: str | None = "self_attn"  # the module that calls the attention function
     qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     o_proj: str | None = "self_attn.o_proj"
     mlp_norm: str | None = "post_attention_layernorm"

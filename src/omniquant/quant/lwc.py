@@ -42,9 +42,11 @@ class LWC(nn.Module):
         spec: WeightQuant,
         learnable: bool = True,
         init: float = 4.0,
+        zero_point_ste: bool = True,
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.zero_point_ste = zero_point_ste
         self.in_features = in_features
         shape = (out_features, num_groups(in_features, spec.group_size), 1)
         self.learnable = learnable
@@ -81,7 +83,9 @@ class LWC(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         upper, lower = self.strengths()
         g = self._grouped(weight)
-        p = range_params(upper * g.wmax, lower * g.wmin, self.spec.bits, self.spec.symmetric)
+        p = range_params(
+            upper * g.wmax, lower * g.wmin, self.spec.bits, self.spec.symmetric, self.zero_point_ste
+        )
         self.last_params = AffineParams(p.scale.detach(), p.zero.detach())
         wq = fake_quantize_grouped(g.wg, p, self.spec.bits, self.spec.symmetric)
         return from_groups(wq, self.in_features).to(weight.dtype)

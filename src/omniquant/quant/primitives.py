@@ -88,9 +88,18 @@ def minmax_params(
 
 
 def range_params(
-    xmax: torch.Tensor, xmin: torch.Tensor, bits: int, symmetric: bool = False
+    xmax: torch.Tensor,
+    xmin: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    zero_point_ste: bool = True,
 ) -> AffineParams:
-    """Scale and zero point that map [xmin, xmax] onto the integer grid."""
+    """Scale and zero point that map [xmin, xmax] onto the integer grid.
+
+    `zero_point_ste`: the zero point's rounding passes gradients straight through (to xmin, so
+    to LWC's lower clipping strength); False rounds it hard, with no gradient, as the reference
+    OmniQuant code does (the clipping strengths then learn through the scale alone).
+    """
     _qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         absmax = torch.maximum(xmax.abs(), xmin.abs())
@@ -98,7 +107,7 @@ def range_params(
         return AffineParams(scale, torch.zeros_like(scale))
     xmax, xmin = xmax.clamp(min=0), xmin.clamp(max=0)  # the grid holds 0: z in [0, qmax]
     scale = ((xmax - xmin) / qmax).clamp(min=SCALE_MIN)
-    zero = -round_ste(xmin / scale)
+    zero = -round_ste(xmin / scale) if zero_point_ste else -(xmin / scale).round().detach()
     return AffineParams(scale, zero)
 
 
