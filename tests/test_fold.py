@@ -38,7 +38,13 @@ CASES = list(itertools.product(FAMILIES, [False, True], GROUPS, [False, True], [
 
 
 def _block_before_and_after_fold(
-    family: str, let: bool, groups: str, weight_training: bool, abits: int, seed: int = 0
+    family: str,
+    let: bool,
+    groups: str,
+    weight_training: bool,
+    abits: int,
+    seed: int = 0,
+    **let_options: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     model = tiny_model(family, seed=seed)
     arch = get_architecture(model)
@@ -55,9 +61,15 @@ def _block_before_and_after_fold(
         let_lr=5e-2,  # large steps, so the trained LET is far from its start
         weight_lr=1e-2 if weight_training else 0.0,
         seed=seed,
+        **let_options,
     )
     spec = WeightQuant(bits=3, group_size=GROUPS[groups])
-    plan = plan_let(arch, model.config, 0.5 if act.enabled else None, act.enabled) if let else None
+    alpha = 0.5 if act.enabled or cfg.let_init == "reference" else None
+    plan = (
+        plan_let(arch, model.config, alpha, act.enabled, cfg.let_scale, cfg.let_init)
+        if let
+        else None
+    )
     extra = _extra_on_device(captured.block_args[0], RT.device)
     inputs = captured.hidden
     block = blocks[0]
@@ -98,4 +110,15 @@ def test_a_folded_block_computes_what_it_computed_before_folding(
 def test_let_with_ragged_groups_folds_the_trained_weights_on_every_seed(seed: int) -> None:
     """The case of the stale-weight bug: LET on, ragged last group, several seeds."""
     before, after = _block_before_and_after_fold("llama", True, "ragged", False, 16, seed)
+    assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("let_scale", "let_init"), [("direct", "reference"), ("log", "reference")])
+def test_the_reference_let_variants_fold_exactly(
+    family: str, let_scale: str, let_init: str
+) -> None:
+    before, after = _block_before_and_after_fold(
+        family, True, "ragged", False, 16, let_scale=let_scale, let_init=let_init
+    )
     assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()

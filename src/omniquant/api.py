@@ -73,10 +73,13 @@ def let_plan_for(model: nn.Module, arch: Architecture, config: OmniQuantConfig) 
         return None
     if not (arch.qkv or arch.mlp_in):
         raise ConfigError(f"LET needs a registered architecture; {arch.name} is not registered")
-    alpha = config.calib.let_alpha
-    if alpha is None and config.act.enabled:
+    calib = config.calib
+    alpha = calib.let_alpha
+    if alpha is None and calib.let_init == "reference":
+        alpha = 0.5  # the reference code's --alpha default, weight-only runs included
+    elif alpha is None and config.act.enabled:
         alpha = 0.75 if config.act.bits <= 4 else 0.5
-    return plan_let(arch, model.config, alpha, shifts=config.act.enabled)
+    return plan_let(arch, model.config, alpha, config.act.enabled, calib.let_scale, calib.let_init)
 
 
 def head_dim_of(model: nn.Module, arch: Architecture) -> int | None:

@@ -447,7 +447,9 @@ def calibrate_blocks(
                 else None
             )
             stats = (
-                gather_stats(block, let_plan, inputs_q, extra, runtime)
+                gather_stats(
+                    block, let_plan, _stats_inputs(let_plan, inputs_fp, inputs_q), extra, runtime
+                )
                 if let_plan is not None and saved is None
                 else None
             )
@@ -485,6 +487,13 @@ def calibrate_blocks(
             on_block(report)
         inputs_fp, inputs_q = targets, outputs_q
     return reports
+
+
+def _stats_inputs(
+    plan: LetPlan, inputs_fp: list[torch.Tensor], inputs_q: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """LET's starting statistics: the float chain's inputs (reference), else the quantized one's."""
+    return inputs_fp if plan.reference_init else inputs_q
 
 
 def _train_and_report(

@@ -168,6 +168,22 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "--let-lr", type=float, default=d.let_lr, help=f"LET learning rate (default {d.let_lr})"
     )
     p.add_argument(
+        "--let-scale",
+        choices=["log", "direct"],
+        default=d.let_scale,
+        help="LET learns log s (a step is a relative change) or s itself with |s| floored at "
+        f"1e-2, as the reference code (default {d.let_scale})",
+    )
+    p.add_argument(
+        "--let-init",
+        choices=["ours", "reference"],
+        default=d.let_init,
+        help="LET's start: ours = SmoothQuant scales of the norm sites from the quantized "
+        "chain's statistics, v->o at the identity; reference = float-chain statistics, the "
+        "site's first linear, v->o SmoothQuant-style, alpha 0.5 unless --let-alpha "
+        f"(default {d.let_init})",
+    )
+    p.add_argument(
         "--weight-lr",
         type=float,
         default=d.weight_lr,
@@ -359,6 +375,8 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             calib_dataset=a.calib_dataset,
             seed=a.seed,
             zero_point_ste=a.zero_point_grad == "ste",
+            let_scale=a.let_scale,
+            let_init=a.let_init,
         ),
         quantize_lm_head=a.quantize_lm_head,
     )

@@ -109,10 +109,16 @@ class CalibConfig:
     lwc_init: float = 4.0
     let_alpha: float | None = None  # None: 0.5, or 0.75 with 4-bit activations; identity if A16
     zero_point_ste: bool = True  # straight-through gradient through the zero point's rounding
+    let_scale: Literal["log", "direct"] = "log"  # LET learns log s, or s itself (reference)
+    let_init: Literal["ours", "reference"] = "ours"  # LET's starting scales (see transforms/let)
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):
             raise ConfigError(f"method must be 'omniquant' or 'rtn', got {self.method!r}")
+        if self.let_scale not in ("log", "direct"):
+            raise ConfigError(f"let_scale must be 'log' or 'direct', got {self.let_scale!r}")
+        if self.let_init not in ("ours", "reference"):
+            raise ConfigError(f"let_init must be 'ours' or 'reference', got {self.let_init!r}")
         if self.loss not in ("mse", "token-normalized"):
             raise ConfigError(f"loss must be 'mse' or 'token-normalized', got {self.loss!r}")
         for name in ("epochs", "max_nan_retries"):

@@ -42,3 +42,21 @@ def test_gradients_reach_both_strengths_and_training_lowers_the_error():
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.8 * first
+
+
+def test_hard_zero_point_rounding_stops_its_gradient_but_not_the_scales():
+    """--zero-point-grad none (the reference): same forward; the clipping strengths learn only
+    through the scale, so their gradients differ from the straight-through zero point's."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 40)
+    spec = WeightQuant(bits=3, group_size=16)
+    grads, outs = {}, {}
+    for ste in (True, False):
+        q = LWC(8, 40, spec, init=1.0, zero_point_ste=ste)
+        out = q(w)
+        (out * torch.linspace(-1, 1, 40)).sum().backward()
+        grads[ste], outs[ste] = q.lower_logit.grad.clone(), out.detach()
+        assert q.last_params is not None
+    assert torch.equal(outs[True], outs[False])
+    assert grads[False].abs().sum() > 0  # through the scale
+    assert not torch.allclose(grads[True], grads[False])

@@ -123,3 +123,36 @@ def test_learnable_let_parametrization_is_exact_and_folds_like_fold_site(family)
     ref_state = reference.state_dict()
     for name, value in trained.state_dict().items():
         assert torch.allclose(value, ref_state[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_reference_start_scales_v_to_o_from_float_statistics_and_direct_scales_are_floored():
+    from omniquant.calibrate import Runtime, _extra_on_device, gather_stats
+    from omniquant.capture import capture_block_inputs
+    from omniquant.models import decoder_layers, get_architecture
+    from omniquant.transforms.let import LetParams, plan_let
+    from tests.conftest import random_ids, tiny_model
+
+    model = tiny_model("llama")
+    arch = get_architecture(model)
+    blocks = decoder_layers(model, arch)
+    cap = capture_block_inputs(model, blocks, [random_ids(2, 16)])
+    rt = Runtime(progress=False)
+    extra = _extra_on_device(cap.block_args[0], rt.device)
+    starts = {}
+    for init in ("ours", "reference"):
+        plan = plan_let(arch, model.config, 0.5, False, "direct", init)
+        stats = gather_stats(blocks[0], plan, cap.hidden, extra, rt)
+        let = LetParams(plan, blocks[0])
+        let.init_from_stats(blocks[0], stats)
+        kinds = [s.kind for s in plan.sites]
+        starts[init] = {k: let.scale(i).detach() for i, k in enumerate(kinds)}
+    assert torch.equal(starts["ours"]["vo"], torch.ones_like(starts["ours"]["vo"]))
+    assert not torch.allclose(starts["reference"]["vo"], torch.ones_like(starts["ours"]["vo"]))
+    assert torch.equal(starts["reference"]["qk"], torch.ones_like(starts["reference"]["qk"]))
+    # the first norm site: q_proj's |W| alone (reference) vs the largest over q, k, v (ours)
+    assert (starts["reference"]["norm"] >= starts["ours"]["norm"] - 1e-6).all()
+    let.scales[0].data.fill_(1e-4)  # a directly learned scale keeps |s| >= 1e-2
+    s = let.scale(0)
+    assert torch.allclose(s, torch.full_like(s, 1e-2))
+    s.sum().backward()  # straight through the floor
+    assert torch.equal(let.scales[0].grad, torch.ones_like(s))

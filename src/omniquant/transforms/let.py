@@ -34,6 +34,8 @@ from omniquant.models.architecture import Architecture, NormKind, get_module
 log = logging.getLogger(__name__)
 
 SiteKind = Literal["norm", "vo", "qk"]
+ScaleParam = Literal["log", "direct"]
+LetInit = Literal["ours", "reference"]
 
 
 @dataclass(frozen=True)
@@ -213,15 +215,49 @@ class LetPlan:
     sites: tuple[Site, ...]
     alpha: float | None  # SmoothQuant migration strength; None: start at the identity (s = 1)
     shifts: bool  # learn shifts where the norm has a bias
+    # "log": learn log s (a step changes s by a relative amount); "direct": learn s itself, its
+    # magnitude floored at 1e-2 in the forward pass (straight-through), as the reference code
+    scale_param: ScaleParam = "log"
+    # "ours": SmoothQuant start of the norm sites from the quantized chain's inputs and the largest
+    # |W| over all linears of the site, v→o at the identity; "reference": as the reference code,
+    # statistics of the float chain, |W| of the site's first linear, and v→o SmoothQuant-style too
+    init: LetInit = "ours"
+
+    @property
+    def reference_init(self) -> bool:
+        return self.init == "reference"
 
 
-def plan_let(arch: Architecture, config: object, alpha: float | None, shifts: bool) -> LetPlan:
+def plan_let(
+    arch: Architecture,
+    config: object,
+    alpha: float | None,
+    shifts: bool,
+    scale_param: ScaleParam = "log",
+    init: LetInit = "ours",
+) -> LetPlan:
     """The LET plan of a model; logs the places left out and why."""
     shape = attention_shape(config, arch)
     sites, skipped = let_sites(arch, shape)
     for reason in skipped:
         log.info("LET: %s", reason)
-    return LetPlan(arch, shape, tuple(sites), alpha, shifts)
+    return LetPlan(arch, shape, tuple(sites), alpha, shifts, scale_param, init)
+
+
+SCALE_FLOOR = 1e-2  # the smallest |s| of a directly learned scale (the reference's threshold)
+
+
+class _FloorSTE(torch.autograd.Function):
+    """sign(s) · max(|s|, floor) forward, identity gradient backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, s: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        sign = torch.where(s < 0, -1.0, 1.0).to(s.dtype)
+        return torch.where(s.abs() < SCALE_FLOOR, sign * SCALE_FLOOR, s)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
 
 
 class LetParams(nn.Module):
@@ -235,37 +271,66 @@ class LetParams(nn.Module):
         self.shift_of: dict[int, int] = {}
         for i, site in enumerate(plan.sites):
             dims = site_shape(site, block, plan.shape)
-            self.scales.append(nn.Parameter(torch.zeros(dims)))  # log s: s = 1
+            start = torch.zeros(dims) if plan.scale_param == "log" else torch.ones(dims)  # s = 1
+            self.scales.append(nn.Parameter(start))
             if site.shift and plan.shifts:
                 self.shift_of[i] = len(self.shifts)
                 self.shifts.append(nn.Parameter(torch.zeros(dims)))
 
     def scale(self, i: int) -> torch.Tensor:
-        """s = exp(log s): Adam's steps change a scale by a relative amount, whatever its size."""
-        return self.scales[i].exp()
+        """s = exp(log s): Adam's steps change a scale by a relative amount, whatever its size;
+        or, learned directly, s with its magnitude floored at 1e-2."""
+        if self.plan.scale_param == "log":
+            return self.scales[i].exp()
+        return _FloorSTE.apply(self.scales[i])
+
+    def _set_scale(self, i: int, s: torch.Tensor) -> None:
+        s = s.clamp(min=SCALE_MIN)
+        self.scales[i].copy_(s.log() if self.plan.scale_param == "log" else s)
 
     def shift(self, i: int) -> torch.Tensor | None:
         return self.shifts[self.shift_of[i]] if i in self.shift_of else None
 
     @torch.no_grad()
     def init_from_stats(self, block: nn.Module, stats: dict[int, ChannelStats]) -> None:
-        """SmoothQuant start for norm sites: s = max|X|^α / max|W|^(1−α); δ = (max + min) / 2."""
-        alpha = self.plan.alpha
-        for i, site in enumerate(self.plan.sites):
-            if site.kind != "norm" or i not in stats:
+        """SmoothQuant start: s = max|X|^α / max|W|^(1−α); δ = (max + min) / 2 (norm sites).
+
+        Norm sites always; the v→o site too with the reference start (`plan.init`), its
+        statistics taken per o input channel and reduced to one value per (KV head, channel).
+        """
+        alpha, plan = self.plan.alpha, self.plan
+        for i, site in enumerate(plan.sites):
+            if i not in stats or site.kind == "qk":
                 continue
             st = stats[i]
+            if site.kind == "vo":
+                if alpha is None:
+                    continue
+                act = _per_kv(st.absmax, plan.shape)
+                w = _per_kv(get_module(block, site.targets[0]).weight.abs().amax(dim=0), plan.shape)
+                self._set_scale(i, _smooth(act, w, alpha))
+                continue
             delta = (st.cmax + st.cmin) / 2 if i in self.shift_of else None
             act = (st.cmax - st.cmin) / 2 if delta is not None else st.absmax
             if delta is not None:
                 self.shifts[self.shift_of[i]].copy_(delta)
             if alpha is None:
                 continue
-            w = torch.stack(
-                [get_module(block, t).weight.abs().amax(dim=0) for t in site.targets]
-            ).amax(dim=0)  # (C,)
-            s = act.clamp(min=SCALE_MIN).pow(alpha) / w.clamp(min=SCALE_MIN).pow(1 - alpha)
-            self.scales[i].copy_(s.clamp(min=SCALE_MIN).log())
+            linears = site.targets[:1] if plan.reference_init else site.targets
+            w = torch.stack([get_module(block, t).weight.abs().amax(dim=0) for t in linears]).amax(
+                dim=0
+            )  # (C,)
+            self._set_scale(i, _smooth(act, w, alpha))
+
+
+def _smooth(act: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's migration scale max|X|^α / max|W|^(1−α)."""
+    return act.clamp(min=SCALE_MIN).pow(alpha) / w.clamp(min=SCALE_MIN).pow(1 - alpha)
+
+
+def _per_kv(x: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+    """Per o input channel (n_heads · d,) -> the largest over each KV group's heads (n_kv, d)."""
+    return x.reshape(shape.n_kv_heads, shape.group, shape.head_dim).amax(dim=1)
 
 
 @dataclass
@@ -284,7 +349,7 @@ def stats_hooks(
     stats: dict[int, ChannelStats] = {}
     handles = []
     for i, site in enumerate(plan.sites):
-        if site.kind != "norm":
+        if site.kind == "qk" or (site.kind == "vo" and not plan.reference_init):
             continue
 
         def hook(_: nn.Module, args: tuple[torch.Tensor, ...], i: int = i) -> None:
