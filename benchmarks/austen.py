@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -45,6 +46,9 @@ def parse_setting(s: str) -> tuple[WeightQuant, ActQuant]:
     return WeightQuant(int(m.group(1)), group), ActQuant(int(m.group(2)))
 
 
+ACT_FIELDS = {f.name for f in dataclasses.fields(ActQuant)}
+
+
 def variant_fields(pairs: list[str]) -> dict[str, object]:
     """`FIELD=VALUE` pairs as CalibConfig keyword arguments (true/false, numbers, strings)."""
     out: dict[str, object] = {}
@@ -66,6 +70,9 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
     seconds = 0.0
     if method != "float":
         weight, act = parse_setting(setting)
+        variant = variant_fields(a.set)
+        act_fields = {k: variant.pop(k) for k in list(variant) if k in ACT_FIELDS}
+        act = ActQuant(**{**act.__dict__, **act_fields})
         calib = CalibConfig(
             method="omniquant" if method == "omniquant" else "rtn",
             let=method == "smoothquant" or (method == "omniquant" and a.let),
@@ -79,7 +86,7 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             aug_loss=a.aug_loss,
             batch_size=a.batch_size,
             seed=a.seed,
-            **variant_fields(a.set),
+            **variant,
         )
         config = OmniQuantConfig(weight, act, calib)
         t0 = time.perf_counter()
