@@ -129,6 +129,22 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         help=f"calibration windows (default {d.nsamples})",
     )
     p.add_argument(
+        "--val-samples",
+        type=int,
+        default=d.val_samples,
+        help="held-out windows for the guard, drawn after the calibration windows with the same "
+        "seed: each block keeps its best epoch on them and falls back to its starting "
+        "quantizers when training never beats them (default: nsamples / 8, at least one "
+        "batch; 0 = no guard)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop a block's training after this many epochs without a better held-out loss; "
+        f"0 = never stop early (default {d.patience})",
+    )
+    p.add_argument(
         "--seqlen",
         type=int,
         default=d.seqlen,
@@ -139,6 +155,12 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.batch_size,
         help=f"windows per optimizer step (default {d.batch_size})",
+    )
+    p.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="reshuffle the windows every epoch (seeded); default: the same order every epoch, "
+        "as the reference code",
     )
     p.add_argument(
         "--calib-dataset",
@@ -163,8 +185,10 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "--weight-lr",
         type=float,
         default=d.weight_lr,
-        help="also train each block's float weights at this learning rate (0 = off, "
-        "plain OmniQuant; >0 = block-wise weight fine-tuning, as in EfficientQAT)",
+        help="also train each block's float weights (0 = off, plain OmniQuant; >0 = block-wise "
+        "weight fine-tuning, as in EfficientQAT). Unit: quantization steps of each weight's "
+        "group (W = W0 + step * offset), so one value suits models of any weight scale; "
+        "AdamW moves a weight by about this many steps per optimizer step",
     )
     p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
     p.add_argument(
@@ -342,6 +366,9 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             loss=a.loss,
             calib_dataset=a.calib_dataset,
             seed=a.seed,
+            shuffle=a.shuffle,
+            val_samples=a.val_samples,
+            patience=a.patience,
         ),
         quantize_lm_head=a.quantize_lm_head,
     )

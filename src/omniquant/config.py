@@ -91,7 +91,7 @@ class CalibConfig:
     lwc_lr: float = 1e-2
     let_lr: float = 5e-3
     wd: float = 0.0
-    weight_lr: float = 0.0
+    weight_lr: float = 0.0  # in quantization steps of each weight's group (see quant/weight_training)
     aug_loss: bool = False
     loss: LossWeighting = "mse"
     calib_dataset: str = "austen:prideprejudice"
@@ -99,13 +99,16 @@ class CalibConfig:
     max_nan_retries: int = 4
     lwc_init: float = 4.0
     let_alpha: float | None = None  # None: 0.5, or 0.75 with 4-bit activations; identity if A16
+    shuffle: bool = False  # False: windows in the same order every epoch, as the reference code
+    val_samples: int | None = None  # held-out windows for the guard; None: `val_windows`' default
+    patience: int = 2  # stop a block after this many epochs without a better held-out loss; 0: never
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):
             raise ConfigError(f"method must be 'omniquant' or 'rtn', got {self.method!r}")
         if self.loss not in ("mse", "token-normalized"):
             raise ConfigError(f"loss must be 'mse' or 'token-normalized', got {self.loss!r}")
-        for name in ("epochs", "max_nan_retries"):
+        for name in ("epochs", "max_nan_retries", "patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("nsamples", "batch_size"):
@@ -122,12 +125,29 @@ class CalibConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.wd < 0 or self.weight_lr < 0:
             raise ConfigError(f"wd and weight_lr must be >= 0, got {self.wd}, {self.weight_lr}")
+        if self.val_samples is not None and (
+            self.val_samples < 0 or self.val_samples % self.batch_size
+        ):
+            raise ConfigError(
+                f"val_samples must be >= 0 and a multiple of batch_size ({self.batch_size}), "
+                f"got {self.val_samples}"
+            )
 
     @property
     def trains(self) -> bool:
         """Whether any parameter is learned (RTN and 0 epochs learn nothing)."""
         learns = self.lwc or self.let or self.weight_lr > 0
         return self.method == "omniquant" and self.epochs > 0 and learns
+
+    @property
+    def val_windows(self) -> int:
+        """Held-out windows for the guard: `val_samples`, or by default an eighth of `nsamples`
+        (at least one batch), none when nothing is trained."""
+        if not self.trains:
+            return 0
+        if self.val_samples is not None:
+            return self.val_samples
+        return self.batch_size * max(1, self.nsamples // 8 // self.batch_size)
 
 
 @dataclass(frozen=True)
