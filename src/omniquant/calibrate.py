@@ -41,7 +41,7 @@ from omniquant.models.architecture import Architecture, block_linears
 from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import QPARAMS_ATTR, from_affine
-from omniquant.quant.weight_training import StepOffset
+from omniquant.quant.weight_training import ADAM_EPS, StepOffset
 from omniquant.transforms.let import ChannelStats, LetParams, LetPlan, attach_let, stats_hooks
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ class BlockQuant:
             groups.append({"params": list(self.let.parameters()), "lr": cfg.let_lr * lr_scale})
         offsets = [o.delta for o in self.offsets.values()]
         if offsets:
-            groups.append({"params": offsets, "lr": cfg.weight_lr * lr_scale, "weight_decay": 0.0})
+            lr = cfg.weight_lr * lr_scale
+            groups.append({"params": offsets, "lr": lr, "weight_decay": 0.0, "eps": ADAM_EPS})
         return [g for g in groups if g["params"]]
 
     def state(self, block: nn.Module) -> dict[str, Any]:

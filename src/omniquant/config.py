@@ -91,7 +91,7 @@ class CalibConfig:
     lwc_lr: float = 1e-2
     let_lr: float = 5e-3
     wd: float = 0.0
-    weight_lr: float = 0.0  # in quantization steps of each weight's group (see quant/weight_training)
+    weight_lr: float = 0.0  # in quantization steps of each group (quant/weight_training.py)
     aug_loss: bool = False
     loss: LossWeighting = "mse"
     calib_dataset: str = "austen:prideprejudice"
@@ -101,7 +101,7 @@ class CalibConfig:
     let_alpha: float | None = None  # None: 0.5, or 0.75 with 4-bit activations; identity if A16
     shuffle: bool = False  # False: windows in the same order every epoch, as the reference code
     val_samples: int | None = None  # held-out windows for the guard; None: `val_windows`' default
-    patience: int = 2  # stop a block after this many epochs without a better held-out loss; 0: never
+    patience: int = 2  # epochs without a better held-out loss before a block stops; 0: never
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):

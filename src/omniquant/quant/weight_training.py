@@ -10,7 +10,9 @@ with W0 the weight as it reaches the quantizer at the start (after LET's initial
 any), h the min-max quantization step of each group of W0 (detached, fixed for the block) and Δ the
 trained parameter, zero at the start. AdamW's steps on Δ have a size set by the learning rate
 alone, whatever the gradient's scale, so a learning rate means "a fraction of a quantization step
-per optimizer step" on every model, whatever its weights' magnitudes.
+per optimizer step" on every model, whatever its weights' magnitudes. That holds while the
+gradient stays well above AdamW's epsilon, so the offsets train with `ADAM_EPS` = 1e-12 instead of
+PyTorch's 1e-8 (a block with small weights and a small loss has gradients of 1e-8 and below).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import nn
 
 from omniquant.config import WeightQuant
 from omniquant.quant.primitives import from_groups, minmax_params, to_groups
+
+ADAM_EPS = 1e-12  # AdamW's epsilon for the offsets: far below their gradients on any model
 
 
 def quant_step(weight: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
