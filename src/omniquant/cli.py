@@ -45,7 +45,8 @@ def _add_eval_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-dataset",
         default="austen:emma",
-        help="perplexity text: austen:<novel>, a .txt file or folder, wikitext2, c4, ptb "
+        help="perplexity text: austen:<novel>, debian:policy (technical documentation, the "
+        "out-of-domain text), a .txt file or folder, wikitext2, c4, ptb "
         "(default austen:emma, the austen-v1 protocol)",
     )
     p.add_argument(
