@@ -174,9 +174,7 @@ class BlockQuant:
     let: LetParams | None = None
     offsets: dict[str, StepOffset] = field(default_factory=dict)
 
-    def param_groups(
-        self, block: nn.Module, cfg: CalibConfig, lr_scale: float
-    ) -> list[dict[str, Any]]:
+    def param_groups(self, cfg: CalibConfig, lr_scale: float) -> list[dict[str, Any]]:
         """AdamW groups: LWC, LET and (with `weight_lr` > 0) the weight offsets."""
         lwc = [p for q in self.lwc.values() for p in q.parameters() if p.requires_grad]
         groups = [{"params": lwc, "lr": cfg.lwc_lr * lr_scale}]
@@ -188,7 +186,7 @@ class BlockQuant:
             groups.append({"params": offsets, "lr": lr, "weight_decay": 0.0, "eps": ADAM_EPS})
         return [g for g in groups if g["params"]]
 
-    def state(self, block: nn.Module) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         """What the block learned, on the CPU (for --resume)."""
         lwc = {
             name: {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
@@ -199,7 +197,7 @@ class BlockQuant:
         return {"lwc": lwc, "let": let, "offsets": offsets}
 
     @torch.no_grad()
-    def load(self, block: nn.Module, state: dict[str, Any]) -> None:
+    def load(self, state: dict[str, Any]) -> None:
         for name, q in self.lwc.items():
             q.load_state_dict(state["lwc"][name])
         if self.let is not None:
@@ -278,10 +276,8 @@ def mean_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], weightin
 # ---------------------------------------------------------------- training one block
 
 
-def _optimizer(
-    block: nn.Module, bq: BlockQuant, cfg: CalibConfig, lr_scale: float
-) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(bq.param_groups(block, cfg, lr_scale), weight_decay=cfg.wd)
+def _optimizer(bq: BlockQuant, cfg: CalibConfig, lr_scale: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(bq.param_groups(cfg, lr_scale), weight_decay=cfg.wd)
 
 
 @dataclass
@@ -353,13 +349,13 @@ class _TrainState:
     nan_events: int = 0
 
 
-def _start(block: nn.Module, bq: BlockQuant, cfg: CalibConfig) -> _TrainState:
-    opt = _optimizer(block, bq, cfg, 1.0)
+def _start(bq: BlockQuant, cfg: CalibConfig) -> _TrainState:
+    opt = _optimizer(bq, cfg, 1.0)
     params = [p for group in opt.param_groups for p in group["params"]]
     return _TrainState(opt, params, snapshot(params))
 
 
-def _recover(block: nn.Module, bq: BlockQuant, cfg: CalibConfig, state: _TrainState) -> None:
+def _recover(bq: BlockQuant, cfg: CalibConfig, state: _TrainState) -> None:
     """After a non-finite loss or gradient: the last good parameters back, half the rate."""
     state.nan_events += 1
     if state.nan_events > cfg.max_nan_retries:
@@ -370,7 +366,7 @@ def _recover(block: nn.Module, bq: BlockQuant, cfg: CalibConfig, state: _TrainSt
     state.lr_scale /= 2
     log.warning("non-finite loss: last good parameters back, lr x%.4g", state.lr_scale)
     copy_into(state.params, state.good)
-    state.opt = _optimizer(block, bq, cfg, state.lr_scale)
+    state.opt = _optimizer(bq, cfg, state.lr_scale)
 
 
 def _train_epoch(
@@ -387,7 +383,7 @@ def _train_epoch(
     for j in order:
         loss = _loss(block, j, data, cfg, runtime)
         while not _finite_step(state.opt, loss):
-            _recover(block, bq, cfg, state)
+            _recover(bq, cfg, state)
             loss = _loss(block, j, data, cfg, runtime)
         copy_into(state.good, state.params)
         total += loss.item()
@@ -412,7 +408,7 @@ def train_block(
     `cfg.patience` epochs without improvement and, at the end, restores the best epoch's
     parameters (the starting ones when no epoch beat the start).
     """
-    state = _start(block, bq, cfg)
+    state = _start(bq, cfg)
     guard = None
     if validation is not None:
         guard = Guard(state.params, objective(block, validation, cfg, runtime), cfg.patience)
@@ -540,12 +536,12 @@ def calibrate_blocks(
             if act is not None and act.enabled:
                 attach_act_quantizers(block, act, arch or let_plan.arch, head_dim)
             if saved is not None:
-                bq.load(block, saved[0])
+                bq.load(saved[0])
                 report = saved[1]
             else:
                 data = BlockData(inputs_q, targets, aug, extra)
                 report = _train_and_report(i, block, bq, data, cfg, runtime, val_batches)
-            params = bq.state(block)
+            params = bq.state()
             fold_parametrizations(block)
             record_qparams(block, bq, spec)
             outputs_q = run_block_all(block, inputs_q, extra, runtime)
