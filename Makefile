@@ -3,16 +3,21 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 THREADS ?= 2
 AUSTEN := /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
+POLICY := /usr/share/doc/debian-policy/policy.txt.gz
 STAMP ?= .deps-installed
 
 .PHONY: deps demo test lint bench clean
 
+# The offline texts: Austen's novels (austen-v1) and the Debian Policy Manual (out-of-domain).
 $(STAMP): pyproject.toml
-	@if [ ! -f $(AUSTEN) ]; then \
+	@missing=""; \
+	[ -f $(AUSTEN) ] || missing="$$missing r-cran-janeaustenr"; \
+	[ -f $(POLICY) ] || missing="$$missing debian-policy"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends r-cran-janeaustenr >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "The Austen corpus is missing: run 'sudo apt-get install r-cran-janeaustenr' and retry."; exit 1; \
+	    echo "Offline texts are missing: run 'sudo apt-get install$$missing' and retry."; exit 1; \
 	  fi; \
 	fi
 	$(PIP) install -q torch==2.13.0

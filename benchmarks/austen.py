@@ -1,7 +1,9 @@
 """austen-v1 benchmark rows: float, RTN and OmniQuant perplexity on SmolLM2 (BENCHMARK.md).
 
 Each row quantizes a fresh copy of the model, measures calibration wall seconds at a stated thread
-count, evaluates perplexity on emma (80 windows of 512), and appends one JSON line to --results.
+count, evaluates perplexity on emma (80 windows of 512) and on an out-of-domain text, the Debian
+Policy Manual (`debian:policy`, 80 windows of 512; `ood_perplexity`), and appends one JSON line to
+--results.
 With --zeroshot it also measures next-sentence accuracy on persuasion (`zeroshot_acc`,
 `zeroshot_acc_norm`; see omniquant.eval.austen_tasks). `--table` prints the markdown table of a
 results file (what the README shows).
@@ -36,6 +38,7 @@ from omniquant.model_io import load_model
 DEFAULT_RESULTS = Path(__file__).parent / "results" / "austen.jsonl"
 SETTING = re.compile(r"^W(\d)A(\d+)(?:g(\d+))?$")
 ZEROSHOT_SEED = 0  # the same next-sentence items for every row, whatever the calibration seed
+OOD_DATASET = "debian:policy"  # the out-of-domain perplexity text (technical documentation)
 
 
 def parse_setting(s: str) -> tuple[WeightQuant, ActQuant]:
@@ -86,6 +89,9 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             aug_loss=a.aug_loss,
             batch_size=a.batch_size,
             seed=a.seed,
+            shuffle=a.shuffle,
+            val_samples=a.val_samples,
+            patience=a.patience,
             **variant,
         )
         config = OmniQuantConfig(weight, act, calib)
@@ -101,16 +107,23 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             let=calib.let,
             lwc_lr=a.lwc_lr,
             weight_lr=a.weight_lr,
+            weight_lr_unit="steps",  # quantization steps (rows without it: absolute weight units)
             loss=a.loss,
             aug_loss=a.aug_loss,
             dtype=a.dtype,
             nan_events=result.report["nan_events"],
             variant=variant_fields(a.set),
+            shuffle=a.shuffle,
+            val_windows=calib.val_windows,
+            patience=a.patience,
+            fallbacks=result.report["fallbacks"],
             loss_before=[b["loss_before"] for b in blocks],
             loss_after=[b["loss_after"] for b in blocks],
         )
     ppl = api.evaluate(model, tokenizer=tokenizer, progress=False)
+    ood = api.evaluate(model, tokenizer=tokenizer, dataset=OOD_DATASET, progress=False)
     row.update(calib_seconds=round(seconds, 1), threads=torch.get_num_threads(), perplexity=ppl)
+    row.update(ood_dataset=OOD_DATASET, ood_perplexity=ood)
     if a.zeroshot:
         row.update(zeroshot_row(model, tokenizer, a.task_folder, a.task))
         row.update(zeroshot_items=a.zeroshot_items)
@@ -143,13 +156,27 @@ def _method_label(r: dict[str, object]) -> str:
     return {"float": "float", "rtn": "RTN", "smoothquant": "SmoothQuant-style + RTN"}[r["method"]]
 
 
+def _weight_lr_cell(r: dict[str, object]) -> str:
+    """The weight learning rate; rows from before scale-aware training say "abs." (absolute
+    weight units) where newer ones count quantization steps."""
+    if not r.get("weight_lr"):
+        return "—"
+    return f"{r['weight_lr']}" + ("" if r.get("weight_lr_unit") == "steps" else " abs.")
+
+
+def _ood_cell(r: dict[str, object]) -> str:
+    """The out-of-domain perplexity, "—" for rows measured before it existed."""
+    return f"{r['ood_perplexity']:,.2f}" if "ood_perplexity" in r else "—"
+
+
 def table(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     with_zeroshot = any("zeroshot_acc" in r for r in rows)
     lines = [
         "| method | setting | nsamples × seqlen | epochs | loss | weight lr | dtype | calib s "
-        "| threads | perplexity |" + (" next-sentence acc / acc_norm |" if with_zeroshot else ""),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        f"| threads | perplexity (emma) | perplexity ({OOD_DATASET}) |"
+        + (" next-sentence acc / acc_norm |" if with_zeroshot else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         + (" --- |" if with_zeroshot else ""),
     ]
     for r in rows:
@@ -159,9 +186,10 @@ def table(results: Path) -> str:
         lines.append(
             f"| {_method_label(r)} | {r['setting']} | {calib} | {r.get('epochs', '—')} "
             f"| {r.get('loss', '—') if r['method'] == 'omniquant' else '—'} "
-            f"| {r.get('weight_lr') or '—'} "
+            f"| {_weight_lr_cell(r)} "
             f"| {r.get('dtype', 'float32')} | {r['calib_seconds']:.0f} | {r['threads']} "
-            f"| {r['perplexity']:,.2f} |" + (f" {_zeroshot_cell(r)} |" if with_zeroshot else "")
+            f"| {r['perplexity']:,.2f} | {_ood_cell(r)} |"
+            + (f" {_zeroshot_cell(r)} |" if with_zeroshot else "")
         )
     return "\n".join(lines)
 
@@ -313,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="any other CalibConfig field (an ablation), e.g. --set zero_point_ste=false",
     )
+    p.add_argument("--shuffle", action="store_true", help="reshuffle the windows every epoch")
+    p.add_argument(
+        "--val-samples", type=int, default=None, help="held-out windows (default nsamples / 8)"
+    )
+    p.add_argument("--patience", type=int, default=2, help="guard patience, 0 = no early stop")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and exit")

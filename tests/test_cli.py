@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import needs_austen
+from tests.conftest import needs_austen, needs_policy
 
 FLAGS = [
     "--wbits",
@@ -144,6 +144,11 @@ def test_every_flag_reaches_the_config():
             "rtn",
             "--symmetric",
             "--quantize-lm-head",
+            "--val-samples",
+            "2",
+            "--patience",
+            "3",
+            "--shuffle",
         ]
     )
     c = config_from_args(args)
@@ -168,9 +173,11 @@ def test_every_flag_reaches_the_config():
         0.01,
     )
     assert (k.aug_loss, k.loss, k.seed) == (True, "token-normalized", 5)
+    assert (k.val_samples, k.patience, k.shuffle) == (2, 3, True)
 
 
 @needs_austen
+@needs_policy
 def test_demo_prints_float_rtn_and_omniquant_rows(tiny_llama_folder):
     proc = omniquant(
         "demo",
@@ -193,7 +200,7 @@ def test_demo_prints_float_rtn_and_omniquant_rows(tiny_llama_folder):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["float", "rtn", "omniquant"]
     assert all(float(r.split("|")[3]) > 1 for r in rows)
-    assert "W4A16g32" in rows[1]
+    assert "W3A16g32" in rows[1]
 
 
 @needs_austen

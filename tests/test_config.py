@@ -51,3 +51,34 @@ def test_rtn_and_zero_epochs_train_nothing():
     assert not CalibConfig(method="rtn").trains
     assert not CalibConfig(epochs=0).trains
     assert CalibConfig(epochs=1).trains
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ({"nsamples": 16}, 2),
+        ({"nsamples": 32}, 4),
+        ({"nsamples": 4}, 1),
+        ({"nsamples": 4, "batch_size": 2}, 2),
+        ({"nsamples": 64, "batch_size": 4}, 8),
+        ({"nsamples": 16, "val_samples": 0}, 0),
+        ({"nsamples": 16, "val_samples": 5}, 5),
+        ({"nsamples": 16, "method": "rtn"}, 0),
+        ({"nsamples": 16, "epochs": 0}, 0),
+    ],
+)
+def test_held_out_windows_default_to_an_eighth_of_the_calibration_windows(kwargs, expected):
+    assert CalibConfig(**kwargs).val_windows == expected
+
+
+@pytest.mark.parametrize("kwargs", [{"val_samples": -1}, {"val_samples": 3, "batch_size": 2}])
+def test_held_out_windows_must_fill_whole_batches(kwargs):
+    with pytest.raises(ConfigError, match="val_samples"):
+        CalibConfig(nsamples=4, **kwargs)
+
+
+def test_patience_and_order_defaults():
+    cfg = CalibConfig()
+    assert cfg.patience == 2 and cfg.shuffle is False
+    with pytest.raises(ConfigError, match="patience"):
+        CalibConfig(patience=-1)

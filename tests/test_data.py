@@ -202,6 +202,15 @@ def test_calibration_windows_determinism() -> None:
     assert not torch.equal(first, other)
 
 
+def test_drawing_more_windows_keeps_the_first_ones() -> None:
+    """The guard's held-out windows are drawn after the training windows with the same seed, so
+    the training windows stay those of a run without a guard."""
+    tokens = torch.tensor(TOKENS)
+    training = calibration_windows(tokens, nsamples=8, seqlen=17, bos_id=BOS, seed=3)
+    with_held_out = calibration_windows(tokens, nsamples=10, seqlen=17, bos_id=BOS, seed=3)
+    assert torch.equal(with_held_out[:8], training)
+
+
 def test_calibration_windows_without_bos() -> None:
     windows = calibration_windows(TOKENS, nsamples=4, seqlen=12, bos_id=None, seed=1)
     assert windows.shape == (4, 12)

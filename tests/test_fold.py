@@ -80,7 +80,7 @@ def _block_before_and_after_fold(
     if act.enabled:
         attach_act_quantizers(block, act, arch, attention_shape(model.config, arch).head_dim)
     # as the block loop does: a "loss before" pass without gradients, then training
-    _train_and_report(0, block, bq, BlockData(inputs, targets, None, extra), cfg, RT)
+    _train_and_report(0, block, bq, BlockData(inputs, targets, None, extra), cfg, RT, 0)
     # the output with the parametrizations, computed with gradients on so that no quantizer
     # serves a cached grouping here: what the fold must reproduce is the trained block itself
     with torch.enable_grad():

@@ -170,3 +170,31 @@ def test_cli_report_combines_run_folders(tmp_path, capsys):
 def test_cli_eval_save_needs_a_model_folder(capsys):
     assert cli.main(["eval", "smollm2", "--save", "--quiet"]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_the_report_shows_blocks_that_fell_back(tmp_path):
+    report = fake_report()
+    report["val_windows"] = 4
+    report["blocks"][2].update(val_losses=[1.5, 4.3, 5.0], best_epoch=0, fell_back=True)
+    report["blocks"][3].update(val_losses=[1.5, 0.4, 0.5], best_epoch=1, stopped_early=True)
+    write_run_report(tmp_path, report)
+    md = (tmp_path / REPORT_MD).read_text()
+    assert "4 held-out windows, patience 2; fell back: 2; stopped early: 1 blocks" in md
+    assert "1.5, epochs 4.3, 5: **fell back** to the start" in md
+    assert "1.5 → 0.4 (epoch 1)" in md
+
+
+def test_quantize_records_the_guard_in_omniquant_json_and_the_report(tmp_path):
+    """Through the API: held-out windows drawn after the training ones; a huge weight learning
+    rate makes every block fall back, and omniquant.json and report.md say so."""
+    tok = word_tokenizer()
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(WORDS * 20))
+    calib = CalibConfig(epochs=2, nsamples=4, seqlen=16, calib_dataset=str(text), weight_lr=20.0)
+    out = tmp_path / "run"
+    config = OmniQuantConfig(WeightQuant(4, 32), calib=calib)
+    api.quantize(tiny_llama(len(tok)), config, tokenizer=tok, output=out, progress=False)
+    report = json.loads((out / "omniquant.json").read_text())
+    assert report["val_windows"] == 1 and report["fallbacks"] == [0, 1]
+    assert all(len(b["val_losses"]) == 3 and b["stopped_early"] is False for b in report["blocks"])
+    assert "fell back: 0, 1" in (out / REPORT_MD).read_text()

@@ -151,10 +151,13 @@ def versions() -> dict[str, str]:
 
 
 def calibration_batches(tokenizer: Any, config: OmniQuantConfig) -> list[torch.Tensor]:
-    """The calibration windows (nsamples, seqlen), split into batches."""
+    """The calibration windows split into batches: `nsamples` training windows, then the guard's
+    `val_windows` held-out ones. All come from one seeded draw, so the training windows are the
+    same with or without validation windows."""
     c = config.calib
     tokens = tokenize_text(tokenizer, load_text(c.calib_dataset))
-    windows = calibration_windows(tokens, c.nsamples, c.seqlen, bos_token_id(tokenizer), c.seed)
+    n = c.nsamples + c.val_windows
+    windows = calibration_windows(tokens, n, c.seqlen, bos_token_id(tokenizer), c.seed)
     return list(windows.split(c.batch_size))
 
 
@@ -226,6 +229,7 @@ def quantize(
             let_plan=let_plan,
             arch=arch,
             head_dim=head_dim_of(model, arch),
+            val_batches=config.calib.val_windows // config.calib.batch_size,
         )
     except BaseException:
         if partial is not None:
@@ -266,6 +270,8 @@ def build_report(
         },
         "calibration_seconds": seconds,
         "nan_events": sum(r.nan_events for r in reports),
+        "val_windows": config.calib.val_windows,
+        "fallbacks": [r.index for r in reports if r.fell_back],
         "blocks": [r.to_dict() for r in reports],
         "versions": versions(),
         "command": " ".join(sys.argv),

@@ -2,11 +2,15 @@
 
 For each decoder block l, in order:
   1. targets   F(W, X_fp): the float block on the float chain's inputs (and F(W, X_q) for aug_loss);
-  2. attach    LET (optional) and an LWC quantizer on every linear, as parametrizations, and
-               activation quantizers (optional) as hooks;
-  3. train     AdamW on LWC / LET (/ weight) parameters, loss between F(Q(W), X_q) and targets;
+  2. attach    LET (optional), a weight offset (with weight training) and an LWC quantizer on every
+               linear, as parametrizations, and activation quantizers (optional) as hooks;
+  3. train     AdamW on LWC / LET (/ weight offset) parameters, loss between F(Q(W), X_q) and
+               targets, in a fixed window order (or reshuffled each epoch), under the guard
+               (`omniquant.guard`): held-out windows' loss per epoch, best epoch kept, early stop;
   4. fold      norms, biases and weights take their transformed, quantized values;
   5. advance   X_q ← F(Q(W), X_q) and X_fp ← F(W, X_fp) become block l+1's inputs.
+The held-out validation windows (the last `val_batches` captured batches) go through both chains
+like the training windows but are never trained on.
 Activations live on the CPU and go to the device one batch at a time; only block l is on the device.
 After each block its learned parameters are written to the state folder, so an interrupted run can
 resume from the next block and produce the same weights.
@@ -32,10 +36,12 @@ from tqdm.auto import tqdm
 from omniquant.capture import BlockArgs, CapturedInputs, map_tensors
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError, ExportError
+from omniquant.guard import Guard, copy_into, snapshot
 from omniquant.models.architecture import Architecture, block_linears
 from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import QPARAMS_ATTR, from_affine
+from omniquant.quant.weight_training import ADAM_EPS, StepOffset
 from omniquant.transforms.let import ChannelStats, LetParams, LetPlan, attach_let, stats_hooks
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,12 @@ class BlockReport:
     epoch_losses: list[float] = field(default_factory=list)
     nan_events: int = 0
     final_lr_scale: float = 1.0
+    # the guard (empty / NaN / False without validation windows)
+    val_losses: list[float] = field(default_factory=list)  # [0]: at the start, then per epoch
+    val_loss_after: float = float("nan")  # after restoring the best epoch and folding
+    best_epoch: int = 0  # 0: the start
+    fell_back: bool = False  # no epoch beat the start: the starting parameters were restored
+    stopped_early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,10 +104,20 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, weighting: str) -> torch
 # ---------------------------------------------------------------- quantizers on a block
 
 
+def attach_offsets(block: nn.Module, spec: WeightQuant) -> dict[str, StepOffset]:
+    """Register a trainable weight offset W + h ⊙ Δ on every linear of the block (weight
+    training); after LET, before LWC, so h is the step of the weight that LWC starts from."""
+    offsets: dict[str, StepOffset] = {}
+    for name, linear in block_linears(block).items():
+        offsets[name] = StepOffset(linear.weight.detach(), spec)
+        parametrize.register_parametrization(linear, "weight", offsets[name], unsafe=True)
+    return offsets
+
+
 def attach_quantizers(block: nn.Module, spec: WeightQuant, cfg: CalibConfig) -> dict[str, LWC]:
     """Register an LWC parametrization on every linear of the block; returns them by name.
 
-    Registered after any LET parametrization, so LWC quantizes the transformed weight.
+    Registered after any LET parametrization and weight offset, so LWC quantizes their result.
     """
     learnable = cfg.method == "omniquant" and cfg.lwc
     quantizers: dict[str, LWC] = {}
@@ -114,7 +136,7 @@ def attach_quantizers(block: nn.Module, spec: WeightQuant, cfg: CalibConfig) -> 
             else linear.weight.device
         )
         parametrize.register_parametrization(linear, "weight", q, unsafe=True)
-        _original(block, name).requires_grad_(cfg.trains and cfg.weight_lr > 0)
+        _original(block, name).requires_grad_(False)
         quantizers[name] = q
     return quantizers
 
@@ -152,44 +174,43 @@ def _original(block: nn.Module, name: str) -> nn.Parameter:
 
 @dataclass
 class BlockQuant:
-    """What is attached to one block while it is calibrated: LWC per linear, LET (optional)."""
+    """What is attached to one block while it is calibrated: LWC per linear, LET (optional),
+    weight offsets per linear (with weight training)."""
 
     lwc: dict[str, LWC]
     let: LetParams | None = None
+    offsets: dict[str, StepOffset] = field(default_factory=dict)
 
-    def param_groups(
-        self, block: nn.Module, cfg: CalibConfig, lr_scale: float
-    ) -> list[dict[str, Any]]:
-        """AdamW groups: LWC, LET and (with `weight_lr` > 0) the block's float weights."""
+    def param_groups(self, cfg: CalibConfig, lr_scale: float) -> list[dict[str, Any]]:
+        """AdamW groups: LWC, LET and (with `weight_lr` > 0) the weight offsets."""
         lwc = [p for q in self.lwc.values() for p in q.parameters() if p.requires_grad]
         groups = [{"params": lwc, "lr": cfg.lwc_lr * lr_scale}]
         if self.let is not None and cfg.method == "omniquant":
             groups.append({"params": list(self.let.parameters()), "lr": cfg.let_lr * lr_scale})
-        weights = [_original(block, n) for n in self.lwc if _original(block, n).requires_grad]
-        if weights:
-            groups.append({"params": weights, "lr": cfg.weight_lr * lr_scale, "weight_decay": 0.0})
+        offsets = [o.delta for o in self.offsets.values()]
+        if offsets:
+            lr = cfg.weight_lr * lr_scale
+            groups.append({"params": offsets, "lr": lr, "weight_decay": 0.0, "eps": ADAM_EPS})
         return [g for g in groups if g["params"]]
 
-    def state(self, block: nn.Module) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         """What the block learned, on the CPU (for --resume)."""
-        lwc = {}
-        for name, q in self.lwc.items():
-            entry = {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
-            if _original(block, name).requires_grad:
-                entry["weight"] = _original(block, name).detach().cpu().clone()
-            lwc[name] = entry
+        lwc = {
+            name: {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
+            for name, q in self.lwc.items()
+        }
         let = None if self.let is None else {k: v.cpu() for k, v in self.let.state_dict().items()}
-        return {"lwc": lwc, "let": let}
+        offsets = {name: o.delta.detach().cpu().clone() for name, o in self.offsets.items()}
+        return {"lwc": lwc, "let": let, "offsets": offsets}
 
     @torch.no_grad()
-    def load(self, block: nn.Module, state: dict[str, Any]) -> None:
+    def load(self, state: dict[str, Any]) -> None:
         for name, q in self.lwc.items():
-            entry = dict(state["lwc"][name])
-            if "weight" in entry:
-                _original(block, name).copy_(entry.pop("weight"))
-            q.load_state_dict(entry)
+            q.load_state_dict(state["lwc"][name])
         if self.let is not None:
             self.let.load_state_dict(state["let"])
+        for name, o in self.offsets.items():
+            o.delta.copy_(state["offsets"][name])
 
 
 def attach_block_quant(
@@ -199,14 +220,17 @@ def attach_block_quant(
     plan: LetPlan | None,
     stats: dict[int, ChannelStats] | None,
 ) -> BlockQuant:
-    """LET parametrizations first (started from activation statistics), then LWC."""
+    """LET parametrizations first (started from activation statistics), then weight offsets (with
+    weight training), then LWC."""
     let = None
     if plan is not None:
         let = LetParams(plan, block).to(next(block.parameters()).device)
         if stats:
             let.init_from_stats(block, stats)
         attach_let(block, let)
-    return BlockQuant(attach_quantizers(block, spec, cfg), let)
+    trains_weights = cfg.trains and cfg.weight_lr > 0
+    offsets = attach_offsets(block, spec) if trains_weights else {}
+    return BlockQuant(attach_quantizers(block, spec, cfg), let, offsets)
 
 
 @torch.no_grad()
@@ -259,26 +283,29 @@ def mean_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], weightin
 # ---------------------------------------------------------------- training one block
 
 
-@dataclass
-class _TrainState:
-    lr_scale: float = 1.0
-    nan_events: int = 0
-
-
-def _optimizer(
-    block: nn.Module, bq: BlockQuant, cfg: CalibConfig, lr_scale: float
-) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(bq.param_groups(block, cfg, lr_scale), weight_decay=cfg.wd)
+def _optimizer(bq: BlockQuant, cfg: CalibConfig, lr_scale: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(bq.param_groups(cfg, lr_scale), weight_decay=cfg.wd)
 
 
 @dataclass
 class BlockData:
-    """One block's training data, per batch on the CPU, and its extra arguments on the device."""
+    """One block's batches (training or validation), on the CPU, and its extra arguments on the
+    device."""
 
     inputs_q: list[torch.Tensor]  # X_q
     targets: list[torch.Tensor]  # F(W, X_fp)
     aug_targets: list[torch.Tensor] | None  # F(W, X_q), with aug_loss
     extra: BlockArgs
+
+    def split(self, n_val: int) -> tuple[BlockData, BlockData | None]:
+        """(the first batches, the last `n_val` batches or None): training and validation."""
+        if n_val == 0:
+            return self, None
+        n = len(self.inputs_q) - n_val
+        aug = self.aug_targets
+        head = BlockData(self.inputs_q[:n], self.targets[:n], aug[:n] if aug else None, self.extra)
+        tail = BlockData(self.inputs_q[n:], self.targets[n:], aug[n:] if aug else None, self.extra)
+        return head, tail
 
 
 def _loss(
@@ -291,6 +318,18 @@ def _loss(
     if data.aug_targets is not None:
         loss = loss + block_loss(out, data.aug_targets[j].to(runtime.device), cfg.loss)
     return loss
+
+
+@torch.no_grad()
+def objective(block: nn.Module, data: BlockData, cfg: CalibConfig, runtime: Runtime) -> float:
+    """The training objective averaged over every batch of `data` (forward passes only)."""
+    n = len(data.inputs_q)
+    return sum(_loss(block, j, data, cfg, runtime).item() for j in range(n)) / n
+
+
+def epoch_order(n: int, shuffle: bool, gen: torch.Generator) -> list[int]:
+    """The batch order of one epoch: 0..n-1 as the reference code, or a seeded permutation."""
+    return torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
 
 
 def _finite_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
@@ -306,6 +345,58 @@ def _finite_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
     return True
 
 
+@dataclass
+class _TrainState:
+    """The optimizer, its parameters and their last values with a finite step."""
+
+    opt: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    good: list[torch.Tensor]
+    lr_scale: float = 1.0
+    nan_events: int = 0
+
+
+def _start(bq: BlockQuant, cfg: CalibConfig) -> _TrainState:
+    opt = _optimizer(bq, cfg, 1.0)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return _TrainState(opt, params, snapshot(params))
+
+
+def _recover(bq: BlockQuant, cfg: CalibConfig, state: _TrainState) -> None:
+    """After a non-finite loss or gradient: the last good parameters back, half the rate."""
+    state.nan_events += 1
+    if state.nan_events > cfg.max_nan_retries:
+        raise CalibrationError(
+            f"the loss stayed non-finite after {cfg.max_nan_retries} retries with a "
+            f"halved learning rate; try a lower --lwc-lr or --dtype float32"
+        )
+    state.lr_scale /= 2
+    log.warning("non-finite loss: last good parameters back, lr x%.4g", state.lr_scale)
+    copy_into(state.params, state.good)
+    state.opt = _optimizer(bq, cfg, state.lr_scale)
+
+
+def _train_epoch(
+    block: nn.Module,
+    bq: BlockQuant,
+    data: BlockData,
+    cfg: CalibConfig,
+    runtime: Runtime,
+    state: _TrainState,
+    order: list[int],
+) -> float:
+    """One pass over the batches in `order`; returns the mean training loss."""
+    total = 0.0
+    for j in order:
+        loss = _loss(block, j, data, cfg, runtime)
+        while not _finite_step(state.opt, loss):
+            _recover(bq, cfg, state)
+            loss = _loss(block, j, data, cfg, runtime)
+        copy_into(state.good, state.params)
+        total += loss.item()
+    return total / len(order)
+
+
 def train_block(
     block: nn.Module,
     bq: BlockQuant,
@@ -313,44 +404,33 @@ def train_block(
     cfg: CalibConfig,
     runtime: Runtime,
     seed: int,
-) -> tuple[list[float], _TrainState]:
-    """AdamW on the block's LWC (and LET, weight) parameters; returns each epoch's mean loss.
+    validation: BlockData | None = None,
+) -> tuple[list[float], _TrainState, Guard | None]:
+    """AdamW on the block's LWC (and LET, weight offset) parameters; returns each epoch's mean
+    loss, the training state and the guard (None without validation batches).
 
     A non-finite loss or gradient restores the last good parameters, halves the learning rate and
-    retries the batch, at most `cfg.max_nan_retries` times per block.
+    retries the batch, at most `cfg.max_nan_retries` times per block. With validation batches,
+    the guard measures their loss before training and after each epoch, stops after
+    `cfg.patience` epochs without improvement and, at the end, restores the best epoch's
+    parameters (the starting ones when no epoch beat the start).
     """
-    state = _TrainState()
-    opt = _optimizer(block, bq, cfg, state.lr_scale)
-    params = [p for group in opt.param_groups for p in group["params"]]
-    good = [p.detach().clone() for p in params]  # the last parameters with a finite step
+    state = _start(bq, cfg)
+    guard = None
+    if validation is not None:
+        guard = Guard(state.params, objective(block, validation, cfg, runtime), cfg.patience)
     gen = torch.Generator().manual_seed(seed)
     epoch_losses: list[float] = []
     bar = tqdm(range(cfg.epochs), desc="  epochs", leave=False, disable=not runtime.progress)
     for _ in bar:
-        total = 0.0
-        for j in torch.randperm(len(data.inputs_q), generator=gen).tolist():
-            loss = _loss(block, j, data, cfg, runtime)
-            while not _finite_step(opt, loss):
-                state.nan_events += 1
-                if state.nan_events > cfg.max_nan_retries:
-                    raise CalibrationError(
-                        f"the loss stayed non-finite after {cfg.max_nan_retries} retries with a "
-                        f"halved learning rate; try a lower --lwc-lr or --dtype float32"
-                    )
-                state.lr_scale /= 2
-                log.warning("non-finite loss: last good parameters back, lr x%.4g", state.lr_scale)
-                with torch.no_grad():
-                    for g, p in zip(good, params, strict=True):
-                        p.copy_(g)
-                opt = _optimizer(block, bq, cfg, state.lr_scale)
-                loss = _loss(block, j, data, cfg, runtime)
-            with torch.no_grad():
-                for g, p in zip(good, params, strict=True):
-                    g.copy_(p)
-            total += loss.item()
-        epoch_losses.append(total / len(data.inputs_q))
+        order = epoch_order(len(data.inputs_q), cfg.shuffle, gen)
+        epoch_losses.append(_train_epoch(block, bq, data, cfg, runtime, state, order))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
-    return epoch_losses, state
+        if guard is not None and guard.update(objective(block, validation, cfg, runtime)):
+            break
+    if guard is not None:
+        guard.restore()
+    return epoch_losses, state, guard
 
 
 # ---------------------------------------------------------------- the block loop
@@ -422,12 +502,20 @@ def calibrate_blocks(
     let_plan: LetPlan | None = None,
     arch: Architecture | None = None,
     head_dim: int | None = None,
+    val_batches: int = 0,
 ) -> list[BlockReport]:
     """Quantize every block in place; returns one report per block.
 
     With `act` enabled, activation quantizers are attached to each block (and stay attached);
-    with `let_plan`, LET is learned jointly with LWC and folded.
+    with `let_plan`, LET is learned jointly with LWC and folded. The last `val_batches` captured
+    batches are held out: they go through both chains but only the guard sees them.
     """
+    if not 0 <= val_batches < len(captured.hidden):
+        raise CalibrationError(
+            f"{val_batches} validation batches of {len(captured.hidden)} captured leave no "
+            "training batch"
+        )
+    n_train = len(captured.hidden) - val_batches
     store = store or StateStore(None)
     resume_from = store.completed()
     inputs_fp = captured.hidden
@@ -448,7 +536,11 @@ def calibrate_blocks(
             )
             stats = (
                 gather_stats(
-                    block, let_plan, _stats_inputs(let_plan, inputs_fp, inputs_q), extra, runtime
+                    block,
+                    let_plan,
+                    _stats_inputs(let_plan, inputs_fp[:n_train], inputs_q[:n_train]),
+                    extra,
+                    runtime,
                 )
                 if let_plan is not None and saved is None
                 else None
@@ -457,17 +549,19 @@ def calibrate_blocks(
             if act is not None and act.enabled:
                 attach_act_quantizers(block, act, arch or let_plan.arch, head_dim)
             if saved is not None:
-                bq.load(block, saved[0])
+                bq.load(saved[0])
                 report = saved[1]
             else:
                 data = BlockData(inputs_q, targets, aug, extra)
-                report = _train_and_report(i, block, bq, data, cfg, runtime)
-            params = bq.state(block)
+                report = _train_and_report(i, block, bq, data, cfg, runtime, val_batches)
+            params = bq.state()
             fold_parametrizations(block)
             record_qparams(block, bq, spec)
             outputs_q = run_block_all(block, inputs_q, extra, runtime)
         if saved is None:
-            report.loss_after = mean_loss(outputs_q, targets, cfg.loss)
+            report.loss_after = mean_loss(outputs_q[:n_train], targets[:n_train], cfg.loss)
+            if val_batches:
+                report.val_loss_after = mean_loss(outputs_q[n_train:], targets[n_train:], cfg.loss)
             if math.isnan(report.loss_before):  # nothing trained: the loss did not change
                 report.loss_before = report.loss_after
             report.seconds = time.perf_counter() - t0
@@ -475,6 +569,14 @@ def calibrate_blocks(
         if not math.isfinite(report.loss_after):
             raise CalibrationError(f"block {i}: non-finite output after quantization")
         reports.append(report)
+        if report.fell_back:
+            log.warning(
+                "block %d: training never beat the starting held-out loss %.5g (epochs: %s); "
+                "its starting parameters are restored",
+                i,
+                report.val_losses[0],
+                ", ".join(f"{v:.5g}" for v in report.val_losses[1:]),
+            )
         bar.set_postfix(loss=f"{report.loss_before:.3g}->{report.loss_after:.3g}")
         log.info(
             "block %d: loss %.5g -> %.5g (%.1fs)",
@@ -503,13 +605,17 @@ def _train_and_report(
     data: BlockData,
     cfg: CalibConfig,
     runtime: Runtime,
+    val_batches: int,
 ) -> BlockReport:
     if not cfg.trains:
         return BlockReport(index, loss_before=float("nan"), loss_after=float("nan"), seconds=0.0)
-    outputs = run_block_all(block, data.inputs_q, data.extra, runtime)
-    before = mean_loss(outputs, data.targets, cfg.loss)
-    epoch_losses, state = train_block(block, bq, data, cfg, runtime, seed=cfg.seed + index)
-    return BlockReport(
+    train, validation = data.split(val_batches)
+    outputs = run_block_all(block, train.inputs_q, train.extra, runtime)
+    before = mean_loss(outputs, train.targets, cfg.loss)
+    epoch_losses, state, guard = train_block(
+        block, bq, train, cfg, runtime, cfg.seed + index, validation
+    )
+    report = BlockReport(
         index,
         loss_before=before,
         loss_after=float("nan"),
@@ -518,3 +624,9 @@ def _train_and_report(
         nan_events=state.nan_events,
         final_lr_scale=state.lr_scale,
     )
+    if guard is not None:
+        report.val_losses = guard.losses
+        report.best_epoch = guard.best_epoch
+        report.fell_back = guard.fell_back
+        report.stopped_early = len(epoch_losses) < cfg.epochs
+    return report

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -14,6 +13,8 @@ import torch
 
 from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.data import load_text
+from omniquant.demo import DEMO_DEFAULTS, demo_rows, demo_table, recipe
 from omniquant.errors import OmniQuantError
 from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
 from omniquant.formats import FORMATS
@@ -45,7 +46,8 @@ def _add_eval_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-dataset",
         default="austen:emma",
-        help="perplexity text: austen:<novel>, a .txt file or folder, wikitext2, c4, ptb "
+        help="perplexity text: austen:<novel>, debian:policy (technical documentation, the "
+        "out-of-domain text), a .txt file or folder, wikitext2, c4, ptb "
         "(default austen:emma, the austen-v1 protocol)",
     )
     p.add_argument(
@@ -137,6 +139,22 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         help=f"calibration windows (default {d.nsamples})",
     )
     p.add_argument(
+        "--val-samples",
+        type=int,
+        default=d.val_samples,
+        help="held-out windows for the guard, drawn after the calibration windows with the same "
+        "seed: each block keeps its best epoch on them and falls back to its starting "
+        "quantizers when training never beats them (default: nsamples / 8, at least one "
+        "batch; 0 = no guard)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop a block's training after this many epochs without a better held-out loss; "
+        f"0 = never stop early (default {d.patience})",
+    )
+    p.add_argument(
         "--seqlen",
         type=int,
         default=d.seqlen,
@@ -147,6 +165,12 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.batch_size,
         help=f"windows per optimizer step (default {d.batch_size})",
+    )
+    p.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="reshuffle the windows every epoch (seeded); default: the same order every epoch, "
+        "as the reference code",
     )
     p.add_argument(
         "--calib-dataset",
@@ -187,8 +211,10 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "--weight-lr",
         type=float,
         default=d.weight_lr,
-        help="also train each block's float weights at this learning rate (0 = off, "
-        "plain OmniQuant; >0 = block-wise weight fine-tuning, as in EfficientQAT)",
+        help="also train each block's float weights (0 = off, plain OmniQuant; >0 = block-wise "
+        "weight fine-tuning, as in EfficientQAT). Unit: quantization steps of each weight's "
+        "group (W = W0 + step * offset), so one value suits models of any weight scale; "
+        "AdamW moves a weight by about this many steps per optimizer step",
     )
     p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
     p.add_argument(
@@ -343,12 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="float / RTN / OmniQuant perplexity table on the default",
-        description="Quantize the embedded SmolLM2 at W4A16g128 with RTN and "
-        "OmniQuant (LWC) and print float / RTN / OmniQuant perplexity.",
+        description="Quantize the embedded SmolLM2 at W3A16g128 with RTN and OmniQuant (LWC + "
+        "scale-aware weight training under the guard) and print float / RTN / OmniQuant "
+        "perplexity on Emma and on an out-of-domain text (about 10 minutes on 2 threads). "
+        "Demo defaults: "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items()),
     )
     _add_quant_flags(demo)
-    demo.set_defaults(group_size=128, epochs=2, nsamples=32, seqlen=512)
     _add_eval_data(demo)
+    demo.add_argument(
+        "--ood-dataset",
+        default="debian:policy",
+        help="second perplexity text, of another domain (default debian:policy, the Debian "
+        "Policy Manual; needs apt-get install debian-policy)",
+    )
+    demo.set_defaults(**DEMO_DEFAULTS)
     _add_runtime(demo)
     return parser
 
@@ -377,6 +412,9 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             zero_point_ste=a.zero_point_grad == "ste",
             let_scale=a.let_scale,
             let_init=a.let_init,
+            shuffle=a.shuffle,
+            val_samples=a.val_samples,
+            patience=a.patience,
         ),
         quantize_lm_head=a.quantize_lm_head,
     )
@@ -469,33 +507,27 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     model, tokenizer = load_model(a.model)
-    rows = [("float", "-", _eval(model, tokenizer, a), 0.0)]
     config = config_from_args(a)
-    for method in ("rtn", "omniquant"):
-        cfg = OmniQuantConfig(
-            config.weight, config.act, CalibConfig(**{**config.calib.__dict__, "method": method})
-        )
-        res = api.quantize(
-            copy.deepcopy(model),
-            cfg,
-            tokenizer=tokenizer,
-            device=a.device,
-            dtype=a.dtype,
-            progress=not a.quiet,
-        )
-        rows.append(
-            (method, cfg.label, _eval(res.model, tokenizer, a), res.report["calibration_seconds"])
-        )
-    print(
-        f"\nSmolLM2-135M-Instruct, perplexity on {a.eval_dataset} "
-        f"(OmniQuant: LWC, {config.calib.nsamples}x{config.calib.seqlen}, "
-        f"{config.calib.epochs} epochs, loss {config.calib.loss}; "
-        f"{torch.get_num_threads()} threads)"
+    datasets = [a.eval_dataset, a.ood_dataset]
+    for dataset in datasets:  # a missing text fails now, not after the calibrations
+        load_text(dataset)
+    rows = demo_rows(
+        model,
+        tokenizer,
+        config,
+        datasets,
+        lambda m, d: _eval(m, tokenizer, argparse.Namespace(**{**vars(a), "eval_dataset": d})),
+        device=a.device,
+        dtype=a.dtype,
+        progress=not a.quiet,
     )
-    print(f"| {'method':<10} | {'setting':<10} | {'perplexity':>10} | {'calib s':>8} |")
-    print(f"|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
-    for name, setting, ppl, secs in rows:
-        print(f"| {name:<10} | {setting:<10} | {ppl:>10.2f} | {secs:>8.1f} |")
+    name = "SmolLM2-135M-Instruct" if a.model == DEFAULT_MODEL else a.model
+    windows = f"first {a.eval_windows} windows" if a.eval_windows else "all windows"
+    print(
+        f"\n{name}, perplexity on the {windows} of {a.eval_seqlen} tokens of each text "
+        f"(OmniQuant: {recipe(config)}; {torch.get_num_threads()} threads)"
+    )
+    print(demo_table(rows, datasets))
     return 0
 
 

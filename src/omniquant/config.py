@@ -100,7 +100,7 @@ class CalibConfig:
     lwc_lr: float = 1e-2
     let_lr: float = 5e-3
     wd: float = 0.0
-    weight_lr: float = 0.0
+    weight_lr: float = 0.0  # in quantization steps of each group (quant/weight_training.py)
     aug_loss: bool = False
     loss: LossWeighting = "mse"
     calib_dataset: str = "austen:prideprejudice"
@@ -111,6 +111,9 @@ class CalibConfig:
     zero_point_ste: bool = True  # straight-through gradient through the zero point's rounding
     let_scale: Literal["log", "direct"] = "log"  # LET learns log s, or s itself (reference)
     let_init: Literal["ours", "reference"] = "ours"  # LET's starting scales (see transforms/let)
+    shuffle: bool = False  # False: windows in the same order every epoch, as the reference code
+    val_samples: int | None = None  # held-out windows for the guard; None: `val_windows`' default
+    patience: int = 2  # epochs without a better held-out loss before a block stops; 0: never
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):
@@ -121,7 +124,7 @@ class CalibConfig:
             raise ConfigError(f"let_init must be 'ours' or 'reference', got {self.let_init!r}")
         if self.loss not in ("mse", "token-normalized"):
             raise ConfigError(f"loss must be 'mse' or 'token-normalized', got {self.loss!r}")
-        for name in ("epochs", "max_nan_retries"):
+        for name in ("epochs", "max_nan_retries", "patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("nsamples", "batch_size"):
@@ -138,12 +141,29 @@ class CalibConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.wd < 0 or self.weight_lr < 0:
             raise ConfigError(f"wd and weight_lr must be >= 0, got {self.wd}, {self.weight_lr}")
+        if self.val_samples is not None and (
+            self.val_samples < 0 or self.val_samples % self.batch_size
+        ):
+            raise ConfigError(
+                f"val_samples must be >= 0 and a multiple of batch_size ({self.batch_size}), "
+                f"got {self.val_samples}"
+            )
 
     @property
     def trains(self) -> bool:
         """Whether any parameter is learned (RTN and 0 epochs learn nothing)."""
         learns = self.lwc or self.let or self.weight_lr > 0
         return self.method == "omniquant" and self.epochs > 0 and learns
+
+    @property
+    def val_windows(self) -> int:
+        """Held-out windows for the guard: `val_samples`, or by default an eighth of `nsamples`
+        (at least one batch), none when nothing is trained."""
+        if not self.trains:
+            return 0
+        if self.val_samples is not None:
+            return self.val_samples
+        return self.batch_size * max(1, self.nsamples // 8 // self.batch_size)
 
 
 @dataclass(frozen=True)

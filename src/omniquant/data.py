@@ -4,6 +4,8 @@ Text sources (`load_text`):
 
 * ``austen:<novel>`` — a Jane Austen novel read, without R, from the lazy-load database that
   Debian's ``r-cran-janeaustenr`` package installs (`read_austen`); works offline.
+* ``debian:policy`` — the Debian Policy Manual, technical documentation that Debian's
+  ``debian-policy`` package installs (`read_debian_doc`): the out-of-domain evaluation text.
 * a path to a ``.txt`` file, or to a folder whose ``*.txt`` files are joined in name order.
 * ``wikitext2``, ``ptb``, ``c4`` — the usual benchmark corpora via the ``datasets`` package
   (imported lazily; needs the network or a warm Hugging Face cache).
@@ -26,18 +28,21 @@ from typing import Any
 import torch
 
 from omniquant.austen import AUSTEN_NOVELS, AUSTEN_RDB, AUSTEN_SHA256, read_austen
+from omniquant.debian_docs import DEBIAN_DOCS, read_debian_doc
 from omniquant.errors import DataError
 
 __all__ = [
     "AUSTEN_NOVELS",
     "AUSTEN_RDB",
     "AUSTEN_SHA256",
+    "DEBIAN_DOCS",
     "DataError",
     "bos_token_id",
     "calibration_windows",
     "eval_windows",
     "load_text",
     "read_austen",
+    "read_debian_doc",
     "tokenize_text",
 ]
 
@@ -54,7 +59,8 @@ _C4_MAX_DOCS = 20000
 def _offline_hint() -> str:
     return (
         "use an offline source instead: 'austen:prideprejudice' "
-        "(needs `apt-get install r-cran-janeaustenr`) or a path to a local .txt file or folder"
+        "(needs `apt-get install r-cran-janeaustenr`), 'debian:policy' (needs `apt-get install "
+        "debian-policy`) or a path to a local .txt file or folder"
     )
 
 
@@ -111,8 +117,8 @@ def load_text(source: str, split: str = "train") -> str:
     """Returns the text of a calibration or evaluation source.
 
     Args:
-        source: ``austen:<novel>``, a path to a text file or to a folder of ``*.txt`` files,
-            or one of ``wikitext2``, ``ptb``, ``c4`` (through the ``datasets`` package).
+        source: ``austen:<novel>``, ``debian:policy``, a path to a text file or to a folder of
+            ``*.txt`` files, or one of ``wikitext2``, ``ptb``, ``c4`` (through ``datasets``).
         split: ``train``, ``validation`` or ``test``; used by the ``datasets`` sources only.
 
     Raises:
@@ -120,6 +126,8 @@ def load_text(source: str, split: str = "train") -> str:
     """
     if source.startswith("austen:"):
         return read_austen(source.split(":", 1)[1])
+    if source.startswith("debian:"):
+        return read_debian_doc(source.split(":", 1)[1])
     if source in _HF_SOURCES:
         return _load_hf(source, split)
     path = Path(source).expanduser()
@@ -127,7 +135,8 @@ def load_text(source: str, split: str = "train") -> str:
         return _read_local(path)
     raise DataError(
         f"unknown calibration source {source!r}: expected 'austen:<novel>' (novels: "
-        f"{', '.join(AUSTEN_NOVELS)}), an existing .txt file or folder of .txt files, "
+        f"{', '.join(AUSTEN_NOVELS)}), 'debian:<document>' (documents: "
+        f"{', '.join(DEBIAN_DOCS)}), an existing .txt file or folder of .txt files, "
         f"or one of {', '.join(_HF_SOURCES)}"
     )
 

@@ -194,16 +194,44 @@ def run_summary(report: dict[str, Any]) -> list[str]:
             f"{rt.get('device', '?')}, {rt.get('autocast', '?')}, {rt.get('threads', '?')} threads",
         ),
         ("NaN events", str(report.get("nan_events", 0))),
+        ("guard", guard_summary(report)),
         ("versions", versions or "—"),
     ]
     return ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in facts)]
 
 
+def guard_summary(report: dict[str, Any]) -> str:
+    """The guard's settings and which blocks fell back to their starting quantizers."""
+    blocks = report["blocks"]
+    if not any(b.get("val_losses") for b in blocks):
+        return "off (no held-out windows)"
+    calib = report["config"]["calib"]
+    fell_back = [str(b["index"]) for b in blocks if b.get("fell_back")]
+    stopped = sum(bool(b.get("stopped_early")) for b in blocks)
+    return (
+        f"{report.get('val_windows', '?')} held-out windows, patience "
+        f"{calib.get('patience')}; fell back: {', '.join(fell_back) or 'none'}; "
+        f"stopped early: {stopped} blocks"
+    )
+
+
+def held_out_cell(block: dict[str, Any]) -> str:
+    """`start → best (epoch e)` of a block's held-out loss, `— ` without the guard."""
+    losses = block.get("val_losses") or []
+    if not losses:
+        return "—"
+    if block.get("fell_back"):
+        epochs = ", ".join(fmt(v, 3) for v in losses[1:])
+        return f"{fmt(losses[0])}, epochs {epochs}: **fell back** to the start"
+    best = block.get("best_epoch", 0)
+    return f"{fmt(losses[0])} → {fmt(losses[best])} (epoch {best})"
+
+
 def block_table(blocks: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| block | loss before | loss after | after / before | seconds | epoch losses "
-        "| NaN events | final lr scale |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| held-out loss | NaN events | final lr scale |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for b in blocks:
         before, after = b["loss_before"], b["loss_after"]
@@ -211,7 +239,8 @@ def block_table(blocks: list[dict[str, Any]]) -> list[str]:
         epochs = ", ".join(fmt(v, 3) for v in b["epoch_losses"]) or "—"
         lines.append(
             f"| {b['index']} | {fmt(before)} | {fmt(after)} | {fmt(ratio, 3)} "
-            f"| {b['seconds']:.1f} | {epochs} | {b['nan_events']} | {b['final_lr_scale']:g} |"
+            f"| {b['seconds']:.1f} | {epochs} | {held_out_cell(b)} | {b['nan_events']} "
+            f"| {b['final_lr_scale']:g} |"
         )
     return lines
 

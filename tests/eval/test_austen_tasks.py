@@ -13,7 +13,7 @@ from omniquant.eval.austen_tasks import (
     split_sentences,
     write_austen_task,
 )
-from tests.conftest import needs_austen
+from tests.conftest import needs_austen, needs_policy
 from tests.tiny_lm import save, tiny_llama, word_tokenizer
 
 BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "austen.py"
@@ -67,6 +67,7 @@ def test_write_austen_task_writes_a_yaml_and_its_jsonl(tmp_path):
 
 
 @needs_austen
+@needs_policy
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-eval")
 def test_benchmark_zeroshot_rows_on_a_tiny_model(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("austen_benchmark", BENCHMARK)
