@@ -107,7 +107,8 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             let=calib.let,
             lwc_lr=a.lwc_lr,
             weight_lr=a.weight_lr,
-            weight_lr_unit="steps",  # quantization steps (rows without it: absolute weight units)
+            # quantization steps (rows without it: absolute weight units)
+            weight_lr_unit="steps" if calib.weight_lr_unit == "step" else "absolute",
             loss=a.loss,
             aug_loss=a.aug_loss,
             dtype=a.dtype,

@@ -305,3 +305,20 @@ def test_weight_training_moves_weights_of_any_scale_by_the_same_number_of_steps(
     torch.testing.assert_close(delta_big, delta_small, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(steps_big, steps_small, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(steps_big, delta_big, rtol=1e-4, atol=1e-4)
+
+
+def test_absolute_weight_lr_unit_moves_weights_in_weight_units():
+    """--weight-lr-unit absolute: the offset's step is 1, so a block with weights x100 moves by
+    the same absolute amount as the original (the step unit moves it 100x further)."""
+    from omniquant.quant.weight_training import StepOffset
+
+    w = torch.randn(8, 32)
+    spec = WeightQuant(bits=3, group_size=16)
+    absolute = StepOffset(w, spec, absolute=True)
+    step = StepOffset(w * 100, spec)
+    assert torch.equal(absolute.step, torch.ones_like(absolute.step))
+    with torch.no_grad():
+        absolute.delta.fill_(0.5)
+        step.delta.fill_(0.5)
+    assert torch.allclose(absolute(w) - w, torch.full_like(w, 0.5))
+    assert ((step(w * 100) - w * 100).abs() > 5).all()

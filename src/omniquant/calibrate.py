@@ -104,12 +104,14 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, weighting: str) -> torch
 # ---------------------------------------------------------------- quantizers on a block
 
 
-def attach_offsets(block: nn.Module, spec: WeightQuant) -> dict[str, StepOffset]:
+def attach_offsets(
+    block: nn.Module, spec: WeightQuant, absolute: bool = False
+) -> dict[str, StepOffset]:
     """Register a trainable weight offset W + h ⊙ Δ on every linear of the block (weight
     training); after LET, before LWC, so h is the step of the weight that LWC starts from."""
     offsets: dict[str, StepOffset] = {}
     for name, linear in block_linears(block).items():
-        offsets[name] = StepOffset(linear.weight.detach(), spec)
+        offsets[name] = StepOffset(linear.weight.detach(), spec, absolute)
         parametrize.register_parametrization(linear, "weight", offsets[name], unsafe=True)
     return offsets
 
@@ -190,7 +192,8 @@ class BlockQuant:
         offsets = [o.delta for o in self.offsets.values()]
         if offsets:
             lr = cfg.weight_lr * lr_scale
-            groups.append({"params": offsets, "lr": lr, "weight_decay": 0.0, "eps": ADAM_EPS})
+            eps = ADAM_EPS if cfg.weight_lr_unit == "step" else 1e-8  # AdamW's default
+            groups.append({"params": offsets, "lr": lr, "weight_decay": 0.0, "eps": eps})
         return [g for g in groups if g["params"]]
 
     def state(self) -> dict[str, Any]:
@@ -229,7 +232,8 @@ def attach_block_quant(
             let.init_from_stats(block, stats)
         attach_let(block, let)
     trains_weights = cfg.trains and cfg.weight_lr > 0
-    offsets = attach_offsets(block, spec) if trains_weights else {}
+    absolute = cfg.weight_lr_unit == "absolute"
+    offsets = attach_offsets(block, spec, absolute) if trains_weights else {}
     return BlockQuant(attach_quantizers(block, spec, cfg), let, offsets)
 
 

@@ -216,6 +216,13 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "group (W = W0 + step * offset), so one value suits models of any weight scale; "
         "AdamW moves a weight by about this many steps per optimizer step",
     )
+    p.add_argument(
+        "--weight-lr-unit",
+        choices=["step", "absolute"],
+        default=d.weight_lr_unit,
+        help="unit of --weight-lr: step = quantization steps of each weight's group (default); "
+        "absolute = weight units, as before (to reproduce older rows)",
+    )
     p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
     p.add_argument(
         "--zero-point-grad",
@@ -410,6 +417,7 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             calib_dataset=a.calib_dataset,
             seed=a.seed,
             zero_point_ste=a.zero_point_grad == "ste",
+            weight_lr_unit=a.weight_lr_unit,
             let_scale=a.let_scale,
             let_init=a.let_init,
             shuffle=a.shuffle,

@@ -101,6 +101,7 @@ class CalibConfig:
     let_lr: float = 5e-3
     wd: float = 0.0
     weight_lr: float = 0.0  # in quantization steps of each group (quant/weight_training.py)
+    weight_lr_unit: Literal["step", "absolute"] = "step"  # absolute: weight units (older rows)
     aug_loss: bool = False
     loss: LossWeighting = "mse"
     calib_dataset: str = "austen:prideprejudice"
@@ -118,6 +119,10 @@ class CalibConfig:
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):
             raise ConfigError(f"method must be 'omniquant' or 'rtn', got {self.method!r}")
+        if self.weight_lr_unit not in ("step", "absolute"):
+            raise ConfigError(
+                f"weight_lr_unit must be 'step' or 'absolute', got {self.weight_lr_unit!r}"
+            )
         if self.let_scale not in ("log", "direct"):
             raise ConfigError(f"let_scale must be 'log' or 'direct', got {self.let_scale!r}")
         if self.let_init not in ("ours", "reference"):

@@ -38,12 +38,16 @@ def step_offset(delta: torch.Tensor, step: torch.Tensor, group_size: int | None)
 
 
 class StepOffset(nn.Module):
-    """Parametrization W ↦ W + h ⊙ Δ of one linear's weight; Δ (float32) is what trains."""
+    """Parametrization W ↦ W + h ⊙ Δ of one linear's weight; Δ (float32) is what trains.
 
-    def __init__(self, weight: torch.Tensor, spec: WeightQuant) -> None:
+    `absolute=True` takes h = 1: the learning rate is then in weight units, as before the step
+    unit (kept so that rows measured that way can be reproduced: `--weight-lr-unit absolute`)."""
+
+    def __init__(self, weight: torch.Tensor, spec: WeightQuant, absolute: bool = False) -> None:
         super().__init__()
         self.group_size = spec.group_size
-        self.register_buffer("step", quant_step(weight, spec))
+        step = quant_step(weight, spec)
+        self.register_buffer("step", torch.ones_like(step) if absolute else step)
         self.delta = nn.Parameter(torch.zeros(weight.shape, device=weight.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
