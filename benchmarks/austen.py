@@ -113,6 +113,8 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             aug_loss=a.aug_loss,
             dtype=a.dtype,
             nan_events=result.report["nan_events"],
+            train_seconds=round(result.report["train_seconds"], 1),
+            fixed_seconds=round(result.report["fixed_seconds"], 1),
             variant=variant_fields(a.set),
             shuffle=a.shuffle,
             val_windows=calib.val_windows,

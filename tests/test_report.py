@@ -120,6 +120,13 @@ def test_quantize_writes_the_report_beside_omniquant_json(tmp_path):
     report = json.loads((out / "omniquant.json").read_text())
     md = (out / REPORT_MD).read_text()
     assert f"{report['calibration_seconds']:.1f}" in md and len(report["blocks"]) == 2
+    # the time splits into the training epochs and the fixed passes around them
+    assert 0 < report["train_seconds"] < report["calibration_seconds"]
+    assert report["train_seconds"] == pytest.approx(
+        sum(b["train_seconds"] for b in report["blocks"])
+    )
+    total = report["train_seconds"] + report["fixed_seconds"]
+    assert total == pytest.approx(report["calibration_seconds"])
 
 
 def test_combine_runs_tables_and_plots_perplexity_against_bits(tmp_path):

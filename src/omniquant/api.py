@@ -269,6 +269,9 @@ def build_report(
             "threads": torch.get_num_threads(),
         },
         "calibration_seconds": seconds,
+        # the epochs' time vs the rest (capture, targets, the "before" pass, fold, advance)
+        "train_seconds": sum(r.train_seconds for r in reports),
+        "fixed_seconds": seconds - sum(r.train_seconds for r in reports),
         "nan_events": sum(r.nan_events for r in reports),
         "val_windows": config.calib.val_windows,
         "fallbacks": [r.index for r in reports if r.fell_back],

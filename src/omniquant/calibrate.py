@@ -56,6 +56,7 @@ class BlockReport:
     loss_after: float  # the same after training and folding
     seconds: float
     epoch_losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0  # of `seconds`, in the training epochs (steps + held-out passes)
     nan_events: int = 0
     final_lr_scale: float = 1.0
     # the guard (empty / NaN / False without validation windows)
@@ -616,15 +617,18 @@ def _train_and_report(
     train, validation = data.split(val_batches)
     outputs = run_block_all(block, train.inputs_q, train.extra, runtime)
     before = mean_loss(outputs, train.targets, cfg.loss)
+    t0 = time.perf_counter()
     epoch_losses, state, guard = train_block(
         block, bq, train, cfg, runtime, cfg.seed + index, validation
     )
+    train_seconds = time.perf_counter() - t0
     report = BlockReport(
         index,
         loss_before=before,
         loss_after=float("nan"),
         seconds=0.0,
         epoch_losses=epoch_losses,
+        train_seconds=train_seconds,
         nan_events=state.nan_events,
         final_lr_scale=state.lr_scale,
     )
