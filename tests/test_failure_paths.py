@@ -485,3 +485,20 @@ def test_export_takes_threads_and_shows_its_progress(runs, tmp_path, capsys):
     assert "packing layers" in err
     rc, _, _ = run(capsys, "report", runs / "fake", "--output", tmp_path / "r", "--threads", "1")
     assert rc == 0
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_rows_of_uint8_codes_matches_a_bit_by_bit_reference(bits):
+    from omniquant.formats.packing import pack_rows, unpack_rows
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (3, 77), generator=g, dtype=torch.int64)
+    codes[0] = 2**bits - 1  # the top code, which uint8 comparisons once got wrong
+    stream = [(int(c) >> i) & 1 for c in codes[1] for i in range(bits)]
+    stream += [0] * (-len(stream) % 32)
+    words = [
+        sum(b << i for i, b in enumerate(stream[j : j + 32])) for j in range(0, len(stream), 32)
+    ]
+    packed = pack_rows(codes.to(torch.uint8), bits)
+    assert [w & 0xFFFFFFFF for w in packed[1].tolist()] == words
+    assert torch.equal(unpack_rows(packed, bits, 77), codes.to(torch.uint8))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from omniquant.errors import ModelError
-from omniquant.runfile import read_run_record, record_format
+from omniquant.runfile import read_run_record, record_format, record_setting
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def folder_quantization(path: Path) -> str | None:
         return None
     record = read_run_record(path)
     if record is not None:
-        return f"omniquant {record['setting']}, {record_format(record)} format"
+        return f"omniquant {record_setting(record)}, {record_format(record)} format"
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

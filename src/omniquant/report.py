@@ -16,7 +16,7 @@ from typing import Any
 
 from omniquant.errors import ModelError, OutputError
 from omniquant.paths import check_new_output
-from omniquant.runfile import RUN_FILE, read_run_record, record_config
+from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_setting
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def run_row(folder: Path) -> dict[str, Any]:
     return {
         **row,
         "method": method_label(cfg),
-        "setting": report["setting"],
+        "setting": record_setting(report),
         "bits": cfg["weight"]["bits"],
         "group": cfg["weight"].get("group_size"),
         "calib": f"{cfg['calib']['nsamples']} × {cfg['calib']['seqlen']}",

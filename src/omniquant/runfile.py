@@ -21,8 +21,6 @@ def record_problem(record: Any) -> str | None:
     """What is wrong with a parsed omniquant.json, or None when it is as omniquant writes it."""
     if not isinstance(record, dict):
         return "it is not a JSON object"
-    if not isinstance(record.get("setting"), str):
-        return "its 'setting' is missing"
     if not isinstance(record.get("config"), dict):
         return "its 'config' is missing"
     fmt = record.get("format", {"name": "fake"})
@@ -56,6 +54,12 @@ def read_run_record(folder: Path) -> dict[str, Any] | None:
 def record_config(record: dict[str, Any]) -> OmniQuantConfig:
     """The run's config from a checked record."""
     return OmniQuantConfig.from_dict(record["config"])
+
+
+def record_setting(record: dict[str, Any]) -> str:
+    """The run's setting name ('W4A16g128'), from the record or else from its config."""
+    setting = record.get("setting")
+    return setting if isinstance(setting, str) else record_config(record).label
 
 
 def record_format(record: dict[str, Any]) -> str:

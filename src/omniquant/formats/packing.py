@@ -45,7 +45,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     overlap) over a slice of the shifted codes: `bits` vectorized sums pack the whole matrix."""
     _check_bits(bits)
     rows, n = codes.shape
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}]")
     blocks = math.ceil(n / WORD_BITS)
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, blocks * WORD_BITS - n))
