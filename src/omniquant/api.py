@@ -9,7 +9,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +23,29 @@ from omniquant.config import OmniQuantConfig
 from omniquant.data import bos_token_id, calibration_windows, eval_windows, load_text, tokenize_text
 from omniquant.errors import ConfigError, ModelError, OutputError
 from omniquant.eval.perplexity import perplexity
-from omniquant.formats import FORMATS, resolve_format, write_packed_format
+from omniquant.formats import (
+    check_format_holds,
+    check_format_name,
+    resolve_format,
+    write_packed_format,
+)
 from omniquant.formats.packed import load_packed, use_kernels
-from omniquant.model_io import load_model, save_model
+from omniquant.memory import parameters_on_meta
+from omniquant.model_io import folder_quantization, load_config, load_model, one_line, save_model
 from omniquant.models import block_linears, decoder_layers, get_architecture, get_module
 from omniquant.models.architecture import Architecture
+from omniquant.paths import check_new_output
 from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import attach_grids, save_grids
 from omniquant.report import write_run_report
+from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_format
 from omniquant.transforms.let import LetPlan, attention_shape, plan_let
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "omniquant.json"
+REPORT_FILE = RUN_FILE
+OUTPUT_STAGE = "output"  # the final folder is written here inside <output>.partial, then renamed
 EVAL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,13 +60,28 @@ class QuantizeResult:
     output: Path | None
 
 
-def runtime_for(device: str, dtype: str = "auto", progress: bool = True) -> Runtime:
-    """Device and autocast choice: 'auto' is float32 on the CPU and bf16 autocast on CUDA."""
-    dev = torch.device(device)
+def check_device(device: str) -> torch.device:
+    """The device, refused unless it is the CPU or an available CUDA device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r}; use --device cpu or cuda (cuda:N)") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use --device cpu or cuda (cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            "--device cuda was asked but no CUDA device is available; use --device cpu"
+            f"--device {device} was asked but no CUDA device is available; use --device cpu"
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices"
+        )
+    return dev
+
+
+def runtime_for(device: str, dtype: str = "auto", progress: bool = True) -> Runtime:
+    """Device and autocast choice: 'auto' is float32 on the CPU and bf16 autocast on CUDA."""
+    dev = check_device(device)
     if dtype == "auto":
         autocast = torch.bfloat16 if dev.type == "cuda" else None
     elif dtype in DTYPES:
@@ -99,40 +123,109 @@ def attach_act_quantizers_all(model: nn.Module, config: OmniQuantConfig) -> None
         attach_act_quantizers(block, config.act, arch, head_dim)
 
 
-def _check_group_size(blocks: nn.ModuleList, config: OmniQuantConfig) -> None:
+def linear_widths(model: nn.Module) -> dict[str, int]:
+    """The input width of every linear in the decoder blocks, by module path."""
+    arch = get_architecture(model)
+    return {
+        f"{arch.layers}.{i}.{name}": linear.in_features
+        for i, block in enumerate(decoder_layers(model, arch))
+        for name, linear in block_linears(block).items()
+    }
+
+
+def check_group_size(widths: dict[str, int], config: OmniQuantConfig) -> None:
     g = config.weight.group_size
-    if not g:
-        return
-    for name, linear in block_linears(blocks[0]).items():
-        if g > linear.in_features:
+    for name, width in widths.items():
+        if g and g > width:
             raise ConfigError(
-                f"group size {g} is larger than the width {linear.in_features} of {name}; "
-                f"use a group size <= {linear.in_features} or per-channel (--group-size 0)"
+                f"group size {g} is larger than the width {width} of {name}; "
+                f"use a group size <= {width} or per-channel (--group-size 0)"
             )
 
 
+def check_setting(model: nn.Module, config: OmniQuantConfig, fmt: str) -> None:
+    """Refuse a group size wider than a layer, or what the output format cannot hold."""
+    widths = linear_widths(model)
+    check_group_size(widths, config)
+    check_format_holds(fmt, config, widths)
+
+
+def model_skeleton(name: str | os.PathLike[str] | None) -> nn.Module:
+    """The model built from its config alone, its parameters on the meta device: the layers and
+    their widths without reading (or allocating) a single weight."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = load_config(name)
+    try:
+        with parameters_on_meta(), no_init_weights():
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise ModelError(f"could not load model {name!r} as a causal LM: {one_line(e)}") from e
+
+
+def check_float_source(name: str | os.PathLike[str] | None) -> None:
+    """Refuse to quantize a folder that holds an already quantized model."""
+    quantized = folder_quantization(Path(str(name))) if name is not None else None
+    if quantized is not None:
+        raise ModelError(
+            f"{name} is already quantized ({quantized}); quantizing it again would round rounded "
+            f"weights: quantize the float model it came from (evaluate or generate with this one)"
+        )
+
+
+def check_loaded_is_float(model: nn.Module, name: str) -> None:
+    """Refuse a model that transformers loaded as quantized (a GPTQ/AWQ/... Hub checkpoint)."""
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method
+        raise ModelError(
+            f"{name} is already quantized ({method}); quantize the float model it came from"
+        )
+
+
 def _prepare_output(output: Path | None, resume: bool) -> Path | None:
-    """The work folder `<output>.partial`; refuses an existing output or a stale partial run."""
+    """The work folder `<output>.partial`; refuses an output that exists or cannot be created,
+    and a stale partial run without --resume."""
     if output is None:
         return None
-    if output.exists():
-        raise OutputError(f"output folder {output} exists already; choose another --output")
+    check_new_output(output)
     partial = output.with_name(output.name + ".partial")
     if partial.exists() and not resume:
         raise OutputError(
             f"{partial} holds an interrupted run; pass --resume to continue it, or delete it"
         )
+    if resume and not partial.exists():
+        log.warning("--resume: there is no interrupted run at %s; starting afresh", partial)
     return partial
+
+
+def settings_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Where two nested settings differ, one 'path: saved -> now' entry per leaf."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = sorted(set(saved) | set(now), key=str)
+        return [
+            line
+            for key in keys
+            for line in settings_diff(
+                saved.get(key, "(absent)"), now.get(key, "(absent)"), f"{prefix}{key}."
+            )
+        ]
+    return [] if saved == now else [f"{prefix.rstrip('.')}: {saved!r} -> {now!r}"]
 
 
 def _check_resume(partial: Path, run: dict[str, Any]) -> None:
     path = partial / "run.json"
     if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != run:
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OutputError(f"--resume: {path} is unreadable ({e}); delete {partial}") from e
+        diff = settings_diff(saved, run)
+        if diff:
             raise OutputError(
-                f"--resume: {partial} was started with other settings ({saved}); "
-                f"delete it or rerun with the same settings"
+                f"--resume: {partial} was started with other settings ({'; '.join(diff)}; "
+                f"started -> now); rerun with the same settings, or delete it to start afresh"
             )
     else:
         partial.mkdir(parents=True, exist_ok=True)
@@ -150,12 +243,15 @@ def versions() -> dict[str, str]:
     }
 
 
-def calibration_batches(tokenizer: Any, config: OmniQuantConfig) -> list[torch.Tensor]:
+def calibration_batches(
+    tokenizer: Any, config: OmniQuantConfig, text: str | None = None
+) -> list[torch.Tensor]:
     """The calibration windows split into batches: `nsamples` training windows, then the guard's
     `val_windows` held-out ones. All come from one seeded draw, so the training windows are the
-    same with or without validation windows."""
+    same with or without validation windows (`text`: the calibration text when it was read
+    already)."""
     c = config.calib
-    tokens = tokenize_text(tokenizer, load_text(c.calib_dataset))
+    tokens = tokenize_text(tokenizer, text if text is not None else load_text(c.calib_dataset))
     n = c.nsamples + c.val_windows
     windows = calibration_windows(tokens, n, c.seqlen, bos_token_id(tokenizer), c.seed)
     return list(windows.split(c.batch_size))
@@ -170,6 +266,29 @@ def quantize_lm_head(model: nn.Module, config: OmniQuantConfig, lm_head_path: st
         head.weight = nn.Parameter(q(head.weight.detach().clone()), requires_grad=False)
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
+
+
+def _log_resume(store: StateStore, partial: Path, blocks: int) -> None:
+    done = store.completed()
+    if done >= blocks:
+        log.info("resuming %s: all %d blocks are done; writing the output", partial, blocks)
+    elif done:
+        log.info("resuming %s from block %d of %d (%d done)", partial, done, blocks, done)
+
+
+def _after_failure(partial: Path | None, store: StateStore) -> None:
+    """An interrupted or failed run: keep the partial folder when it holds finished blocks."""
+    if partial is None:
+        return
+    done = store.completed()
+    if done == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        log.error(
+            "interrupted; %s keeps %d finished blocks: rerun with --resume to continue",
+            partial,
+            done,
+        )
 
 
 def quantize(
@@ -189,31 +308,40 @@ def quantize(
     `model` is a loaded Hugging Face model (changed in place) or a name/path for `load_model`
     (None: the embedded SmolLM2 default). With `output`, the result is written as a folder that
     `transformers.AutoModelForCausalLM.from_pretrained` loads, plus `omniquant.json`; while running,
-    the work lives in `<output>.partial` and `resume=True` continues it from the next block.
-    `format`: "fake" (float weights on the grid), "compressed-tensors", "omniquant-packed" or
-    "auto" (see `omniquant.formats`); a format that cannot hold the setting is refused up front.
+    the work lives in `<output>.partial` and `resume=True` continues it from the next block (or,
+    when every block is done, writes the output again). `format`: "fake" (float weights on the
+    grid), "compressed-tensors", "omniquant-packed" or "auto" (see `omniquant.formats`). Every
+    refusal (settings, format, output, model, text) comes before the model's weights are loaded
+    and before anything is written.
     """
     config = config or OmniQuantConfig()
-    if format not in (*FORMATS, "auto"):
-        raise ConfigError(f"format must be auto or one of {', '.join(FORMATS)}; got {format!r}")
+    check_format_name(format)
+    fmt = format if output is not None else "fake"
     runtime = runtime_for(device, dtype, progress)
     out = Path(output) if output is not None else None
     partial = _prepare_output(out, resume)
     model_name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     if not isinstance(model, nn.Module):
+        check_float_source(model)
+        check_setting(model_skeleton(model), config, fmt)
+        text = load_text(config.calib.calib_dataset)
         model, tokenizer = load_model(model)
+        check_loaded_is_float(model, model_name)
+    else:
+        check_setting(model, config, fmt)
+        text = load_text(config.calib.calib_dataset)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: quantize(model, tokenizer=...)")
     arch = get_architecture(model)
     blocks = decoder_layers(model, arch)
-    _check_group_size(blocks, config)
     let_plan = let_plan_for(model, arch, config)
-    batches = calibration_batches(tokenizer, config)
+    batches = calibration_batches(tokenizer, config, text)
     run_id = {"model": model_name, "config": config.to_dict()}
     store = StateStore(None)
     if partial is not None:
         _check_resume(partial, run_id)
         store = StateStore(partial / "state")
+        _log_resume(store, partial, len(blocks))
     torch.manual_seed(config.calib.seed)
     t0 = time.perf_counter()
     try:
@@ -231,22 +359,18 @@ def quantize(
             head_dim=head_dim_of(model, arch),
             val_batches=config.calib.val_windows // config.calib.batch_size,
         )
+        if config.quantize_lm_head:
+            quantize_lm_head(model, config, arch.lm_head)
+        seconds = time.perf_counter() - t0
+        report = build_report(model_name, arch.name, config, runtime, reports, seconds)
+        log.info("calibrated %d blocks in %.1f s", len(reports), seconds)
+        if out is not None and partial is not None:
+            written = resolve_format(fmt, model, config)
+            report["format"] = {"name": written}
+            write_output(model, tokenizer, report, partial, out, written, config)
     except BaseException:
-        if partial is not None:
-            if store.completed() == 0:
-                shutil.rmtree(partial, ignore_errors=True)
-            else:
-                log.error("interrupted; %s keeps the finished blocks: rerun with --resume", partial)
+        _after_failure(partial, store)
         raise
-    if config.quantize_lm_head:
-        quantize_lm_head(model, config, arch.lm_head)
-    seconds = time.perf_counter() - t0
-    report = build_report(model_name, arch.name, config, runtime, reports, seconds)
-    log.info("calibrated %d blocks in %.1f s", len(reports), seconds)
-    if out is not None and partial is not None:
-        fmt = resolve_format(format, model, config)
-        report["format"] = {"name": fmt}
-        write_output(model, tokenizer, report, partial, out, fmt, config)
     return QuantizeResult(model, tokenizer, report, out)
 
 
@@ -290,52 +414,137 @@ def write_output(
     fmt: str = "fake",
     config: OmniQuantConfig | None = None,
 ) -> None:
-    """Save into the partial folder with omniquant.json and report.md (plus plots), then rename
-    it to the output in one step."""
-    shutil.rmtree(partial / "state", ignore_errors=True)
-    (partial / "run.json").unlink(missing_ok=True)
+    """Write the finished folder (omniquant.json, report.md and plots beside the model) inside
+    the partial folder, rename it to the output in one step, and only then delete the partial
+    folder with its saved blocks: a run killed while writing is finished by --resume without
+    training any block again."""
+    stage = partial / OUTPUT_STAGE
+    shutil.rmtree(stage, ignore_errors=True)  # what an interrupted write left
     if fmt == "fake":
-        save_model(model, tokenizer, partial)
-        save_grids(model, partial)
-        (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        save_model(model, tokenizer, stage)
+        save_grids(model, stage)
+        (stage / REPORT_FILE).write_text(json.dumps(report, indent=2))
     else:
-        write_packed_format(fmt, model, tokenizer, config or OmniQuantConfig(), report, partial)
-    write_run_report(partial, report)
-    partial.rename(out)
+        write_packed_format(fmt, model, tokenizer, config or OmniQuantConfig(), report, stage)
+    write_run_report(stage, report)
+    stage.rename(out)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def quantized_source(folder: Path) -> dict[str, Any]:
+    """The run record of a folder that quantize or export wrote, or a clear error."""
+    if not folder.exists():
+        raise ModelError(f"{folder} does not exist: export takes a folder that quantize wrote")
+    record = read_run_record(folder) if folder.is_dir() else None
+    if record is None:
+        raise ModelError(
+            f"{folder} holds no {REPORT_FILE}: export takes a folder that quantize wrote"
+        )
+    return record
 
 
 def export(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str],
     format: str = "auto",
+    progress: bool = False,
 ) -> Path:
     """Write a model folder from `quantize` (fake format) as compressed-tensors or
     omniquant-packed ('auto': compressed-tensors where it holds the setting). Atomic: the folder
-    appears complete or not at all."""
+    appears complete or not at all; what the format cannot hold is refused before loading."""
     out = Path(output)
-    if out.exists():
-        raise OutputError(f"output folder {out} exists already; choose another")
-    src = Path(str(model))
-    report_path = src / REPORT_FILE
-    if not report_path.is_file():
-        raise ModelError(f"{src} holds no {REPORT_FILE}: export takes a folder that quantize wrote")
-    report = json.loads(report_path.read_text())
-    config = OmniQuantConfig.from_dict(report["config"])
-    loaded, tokenizer = load(src)
-    fmt = resolve_format(format, loaded, config)
-    if fmt == "fake":
+    check_format_name(format)
+    if format == "fake":
         raise ConfigError("export writes a packed format: compressed-tensors or omniquant-packed")
+    check_new_output(out)
+    src = Path(str(model))
+    config = record_config(quantized_source(src))
+    report = read_run_record(src) or {}
+    check_format_holds(format, config, {})  # bits and activations; widths once loaded
+    log.info("loading %s", src)
+    loaded, tokenizer = load(src, progress=progress)
+    fmt = resolve_format(format, loaded, config)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    log.info("writing %s as %s", out, fmt)
     try:
         write_packed_format(
-            fmt, loaded, tokenizer, config, {**report, "format": {"name": fmt}}, partial
+            fmt,
+            loaded,
+            tokenizer,
+            config,
+            {**report, "format": {"name": fmt}},
+            partial,
+            progress=progress,
         )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     partial.rename(out)
     return out
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """A perplexity and what it was measured on: the text and the windows."""
+
+    perplexity: float
+    dataset: str
+    seqlen: int
+    windows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def protocol(self) -> str:
+        """'austen:emma, 80 x 512'."""
+        return f"{self.dataset}, {self.windows} x {self.seqlen}"
+
+
+def check_eval_settings(seqlen: int, max_windows: int | None, batch_size: int) -> None:
+    """Refuse perplexity settings that cannot work, before anything is loaded."""
+    if seqlen < 2:
+        raise ConfigError(f"--eval-seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"--eval-windows must be 0 (all) or positive, got {max_windows}")
+    if batch_size < 1:
+        raise ConfigError(f"--eval-batch-size must be at least 1, got {batch_size}")
+
+
+def measure_perplexity(
+    model: str | os.PathLike[str] | nn.Module | None = None,
+    *,
+    tokenizer: Any = None,
+    dataset: str = "austen:emma",
+    seqlen: int = 512,
+    max_windows: int | None = 80,
+    device: str = "cpu",
+    batch_size: int = 4,
+    progress: bool = True,
+    kernels: bool = False,
+) -> PerplexityResult:
+    """`evaluate`, with the text and the windows it was measured on."""
+    check_eval_settings(seqlen, max_windows, batch_size)
+    check_device(device)
+    given = isinstance(model, nn.Module)
+    if given and kernels:
+        raise ConfigError("kernels=True needs a model path; or pass load(path, kernels=True)[0]")
+    text = load_text(dataset, split=EVAL_SPLITS.get(dataset, "train"))  # before the model
+    if not given:
+        model, tokenizer = load(model, kernels=kernels, device=device, progress=progress)
+    if tokenizer is None:
+        raise ModelError("pass the tokenizer with a model object: evaluate(model, tokenizer=...)")
+    windows = eval_windows(
+        tokenize_text(tokenizer, text), seqlen, bos_token_id(tokenizer), max_windows
+    )
+    model.to(device)
+    try:
+        ppl = perplexity(model, windows, device, batch_size, progress)
+    finally:
+        if given:  # the caller's model goes back where models live between steps
+            model.to("cpu")
+    return PerplexityResult(ppl, dataset, seqlen, windows.shape[0])
 
 
 def evaluate(
@@ -354,21 +563,17 @@ def evaluate(
 
     kernels=True (a quantized folder given by path): the perplexity of the model as it runs with
     the integer kernels (`load(path, kernels=True)`), bf16 activations included."""
-    given = isinstance(model, nn.Module)
-    if given and kernels:
-        raise ConfigError("kernels=True needs a model path; or pass load(path, kernels=True)[0]")
-    if not given:
-        model, tokenizer = load(model, kernels=kernels, device=device, progress=progress)
-    if tokenizer is None:
-        raise ModelError("pass the tokenizer with a model object: evaluate(model, tokenizer=...)")
-    tokens = tokenize_text(tokenizer, load_text(dataset, split=EVAL_SPLITS.get(dataset, "train")))
-    windows = eval_windows(tokens, seqlen, bos_token_id(tokenizer), max_windows)
-    model.to(device)
-    try:
-        return perplexity(model, windows, device, batch_size, progress)
-    finally:
-        if given:  # the caller's model goes back where models live between steps
-            model.to("cpu")
+    return measure_perplexity(
+        model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        seqlen=seqlen,
+        max_windows=max_windows,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        kernels=kernels,
+    ).perplexity
 
 
 def load(
@@ -383,13 +588,13 @@ def load(
     kernels=True runs every quantized linear through `QuantLinear` (int4 / int8 kernels, or
     unpacking on the fly), from an omniquant-packed folder or a fake-quantized one with its grids.
     """
+    check_device(device)
     folder = Path(str(path)) if path is not None else None
-    report = folder / REPORT_FILE if folder is not None else None
-    config = None
-    if report is not None and report.is_file():
-        saved = json.loads(report.read_text())
-        config = OmniQuantConfig.from_dict(saved["config"])
-        fmt = saved.get("format", {}).get("name", "fake")
+    record = read_run_record(folder) if folder is not None and folder.is_dir() else None
+    config = record_config(record) if record is not None else None
+    fmt = record_format(record) if record is not None else None
+    if kernels:
+        check_kernels_source(path, fmt)
     if folder is not None and config is not None and fmt == "omniquant-packed":
         model, tokenizer, _ = load_packed(
             folder,
@@ -400,14 +605,30 @@ def load(
         )
         return model.to(device), tokenizer
     model, tokenizer = load_model(path)
-    if folder is not None and config is not None:
+    if folder is not None and config is not None and fmt == "fake":
         attach_grids(model, folder, config.weight)
     if config is not None and fmt != "compressed-tensors":
         attach_act_quantizers_all(model, config)
-    if kernels and (config is None or use_kernels(model, device) == 0):
+    if kernels and use_kernels(model, device) == 0:
         raise ModelError(
-            f"{path}: kernels=True needs a quantized model folder from omniquant "
-            f"(omniquant-packed, or quantize's output with its grids)"
+            f"{path}: --kernels found no quantization grids (quant_grids.safetensors) to run; "
+            f"export the folder with --format omniquant-packed and use that"
         )
     model.to(device)
     return model, tokenizer
+
+
+def check_kernels_source(path: str | os.PathLike[str] | None, fmt: str | None) -> None:
+    """Refuse kernels=True, before loading, for a model that omniquant did not quantize or a
+    compressed-tensors export (which runs through vLLM's or transformers' own kernels)."""
+    if fmt is None:
+        raise ModelError(
+            f"{path} is not a model quantized by omniquant (no {REPORT_FILE}): --kernels needs an "
+            f"omniquant-packed folder or quantize's output; drop --kernels for a float model"
+        )
+    if fmt == "compressed-tensors":
+        raise ModelError(
+            f"{path} is a compressed-tensors export, which runs through vLLM's or transformers' "
+            f"own kernels: drop --kernels, or export quantize's output with --format "
+            f"omniquant-packed for ours"
+        )

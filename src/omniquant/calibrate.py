@@ -446,6 +446,7 @@ class StateStore:
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
+        self.damaged: set[int] = set()  # blocks whose file could not be read (warned once)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -461,10 +462,24 @@ class StateStore:
         tmp.replace(self.path(index))
 
     def load(self, index: int) -> tuple[dict[str, Any], BlockReport] | None:
+        """The saved state of a block; None when there is none, or when its file is damaged
+        (truncated, say), which is then logged and the block trained again."""
         if self.folder is None or not self.path(index).exists():
             return None
-        data = torch.load(self.path(index), weights_only=True)
-        return data["params"], BlockReport(**data["report"])
+        try:
+            data = torch.load(self.path(index), weights_only=True)
+            return data["params"], BlockReport(**data["report"])
+        except Exception as e:  # torch raises several types for a damaged archive
+            if index in self.damaged:
+                return None
+            self.damaged.add(index)
+            log.warning(
+                "%s is damaged (%s); block %d will be trained again",
+                self.path(index),
+                " ".join(str(e).split())[:200],
+                index,
+            )
+            return None
 
     def completed(self) -> int:
         """How many leading blocks have a saved state."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,9 +18,10 @@ from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.data import load_text
 from omniquant.demo import DEMO_DEFAULTS, demo_rows, demo_table, recipe
-from omniquant.errors import OmniQuantError
+from omniquant.errors import ConfigError, OmniQuantError
 from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
 from omniquant.formats import FORMATS
+from omniquant.generate import check_prompt
 from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval
 
@@ -29,10 +33,15 @@ MODEL_HELP = (
 )
 
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device", default="cpu", help="where to compute: cpu, cuda, cuda:1 ... (default cpu)"
-    )
+EVAL_DEFAULTS: dict[str, Any] = {
+    "eval_dataset": "austen:emma",
+    "eval_seqlen": 512,
+    "eval_windows": 80,
+    "eval_batch_size": 4,
+}
+
+
+def _add_threads_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int,
@@ -42,22 +51,39 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
 
 
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="cpu", help="where to compute: cpu, cuda, cuda:1 ... (default cpu)"
+    )
+    _add_threads_quiet(p)
+
+
 def _add_eval_data(p: argparse.ArgumentParser) -> None:
+    d = EVAL_DEFAULTS
     p.add_argument(
         "--eval-dataset",
-        default="austen:emma",
+        default=d["eval_dataset"],
         help="perplexity text: austen:<novel>, debian:policy (technical documentation, the "
         "out-of-domain text), a .txt file or folder, wikitext2, c4, ptb "
         "(default austen:emma, the austen-v1 protocol)",
     )
     p.add_argument(
-        "--eval-seqlen", type=int, default=512, help="perplexity window length (default 512)"
+        "--eval-seqlen",
+        type=int,
+        default=d["eval_seqlen"],
+        help=f"perplexity window length in tokens (default {d['eval_seqlen']})",
     )
     p.add_argument(
-        "--eval-windows", type=int, default=80, help="number of windows, 0 for all (default 80)"
+        "--eval-windows",
+        type=int,
+        default=d["eval_windows"],
+        help=f"number of windows, 0 for all (default {d['eval_windows']})",
     )
     p.add_argument(
-        "--eval-batch-size", type=int, default=4, help="windows per forward pass (default 4)"
+        "--eval-batch-size",
+        type=int,
+        default=d["eval_batch_size"],
+        help=f"windows per forward pass (default {d['eval_batch_size']})",
     )
 
 
@@ -76,18 +102,24 @@ def _add_zeroshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
 
 
-def _add_quant_flags(p: argparse.ArgumentParser) -> None:
+def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
+    """The quantization flags; `method=False` for demo, which runs both methods."""
     d = CalibConfig()
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    p.add_argument(
-        "--method",
-        choices=["omniquant", "rtn"],
-        default="omniquant",
-        help="omniquant: learned calibration; rtn: round-to-nearest min-max baseline",
-    )
+    if method:
+        p.add_argument(
+            "--method",
+            choices=["omniquant", "rtn"],
+            default="omniquant",
+            help="omniquant: learned calibration; rtn: round-to-nearest min-max baseline",
+        )
     p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     p.add_argument(
-        "--abits", type=int, default=16, help="activation bits, 16 = not quantized (default 16)"
+        "--abits",
+        type=int,
+        default=16,
+        help="activation bits: 4..8 quantizes activations per token, 16 = not quantized "
+        "(default 16)",
     )
     p.add_argument(
         "--qkv-quant",
@@ -130,7 +162,8 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "--epochs",
         type=int,
         default=d.epochs,
-        help=f"passes over the calibration set per block (default {d.epochs})",
+        help=f"passes over the calibration set per block, at least 1 (default {d.epochs}; "
+        "for no training at all use --method rtn)",
     )
     p.add_argument(
         "--nsamples",
@@ -185,11 +218,14 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
         "--let-alpha",
         type=float,
         default=None,
-        help="SmoothQuant migration strength that starts LET's scales (default: 0.5, 0.75 with "
-        "4-bit activations; weight-only runs start at the identity)",
+        help="SmoothQuant migration strength that starts LET's scales (with --let; default: 0.5, "
+        "0.75 with 4-bit activations; weight-only runs start at the identity)",
     )
     p.add_argument(
-        "--let-lr", type=float, default=d.let_lr, help=f"LET learning rate (default {d.let_lr})"
+        "--let-lr",
+        type=float,
+        default=d.let_lr,
+        help=f"LET learning rate (with --let; default {d.let_lr})",
     )
     p.add_argument(
         "--let-scale",
@@ -262,12 +298,16 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-FORMAT_HELP = (
-    "output format: fake = float weights on the grid, loadable by plain transformers (default "
-    "for quantize); compressed-tensors = packed integers that vLLM serves (2/4/8-bit weights "
-    "with groups dividing every width, or W8A8); omniquant-packed = our packed layout for every "
-    "setting; auto = compressed-tensors where it holds the setting, else omniquant-packed"
+PACKED_HELP = (
+    "compressed-tensors = packed integers that vLLM serves (2/4/8-bit weights with groups "
+    "dividing every width, or W8A8); omniquant-packed = our packed layout for every setting; "
+    "auto = compressed-tensors where it holds the setting, else omniquant-packed"
 )
+FORMAT_HELP = (
+    "output format: fake = float weights on the grid, loadable by plain transformers "
+    f"(default); {PACKED_HELP}"
+)
+EXPORT_FORMAT_HELP = f"packed format to write: {PACKED_HELP} (default auto)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,9 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         "markdown table and a perplexity-versus-bits plot.",
     )
     r.add_argument("runs", nargs="+", type=Path, help="run folders written by `quantize`")
-    r.add_argument("--output", required=True, type=Path, help="folder for report.md and the plot")
-    r.add_argument("--quiet", action="store_true", help="no info logging")
-    r.set_defaults(threads=None)
+    r.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="folder to write report.md and the plot into (must not exist)",
+    )
+    _add_threads_quiet(r)
 
     x = sub.add_parser(
         "export",
@@ -338,9 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("input", type=Path, help="a folder written by `omniquant quantize`")
     x.add_argument("output", type=Path, help="folder to write (must not exist)")
-    x.add_argument("--format", choices=[*FORMATS[1:], "auto"], default="auto", help=FORMAT_HELP)
-    x.add_argument("--quiet", action="store_true", help="no info logging")
-    x.set_defaults(threads=None)
+    x.add_argument(
+        "--format", choices=[*FORMATS[1:], "auto"], default="auto", help=EXPORT_FORMAT_HELP
+    )
+    _add_threads_quiet(x)
 
     g = sub.add_parser(
         "generate",
@@ -382,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Demo defaults: "
         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items()),
     )
-    _add_quant_flags(demo)
+    _add_quant_flags(demo, method=False)
+    demo.set_defaults(method="omniquant")
     _add_eval_data(demo)
     demo.add_argument(
         "--ood-dataset",
@@ -428,8 +474,43 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
     )
 
 
-def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> float:
-    return api.evaluate(
+def changed_flags(a: argparse.Namespace, defaults: dict[str, Any]) -> list[str]:
+    """The flags among `defaults` (by attribute name) that were given a value of their own."""
+    return [
+        "--" + name.replace("_", "-")
+        for name, default in defaults.items()
+        if getattr(a, name, default) != default
+    ]
+
+
+def refuse_unused(flags: list[str], reason: str) -> None:
+    """Refuse flags that the command would ignore: '--a, --b only apply with ...'."""
+    if flags:
+        verb = "applies" if len(flags) == 1 else "apply"
+        raise ConfigError(f"{', '.join(flags)} {reason.format(verb=verb)}")
+
+
+def check_quant_flags(a: argparse.Namespace) -> None:
+    """Refuse flags that would be accepted and ignored, and --epochs 0 labelled as OmniQuant."""
+    if not a.let:
+        let_flags = changed_flags(a, {"let_alpha": None, "let_lr": CalibConfig().let_lr})
+        refuse_unused(let_flags, "only {verb} with --let: add --let, or drop it")
+    if a.method == "omniquant" and a.epochs == 0:
+        raise ConfigError(
+            "--epochs 0 trains nothing: the result would be the untrained clipping start, not "
+            "OmniQuant; use --method rtn for round-to-nearest, or --epochs 1 or more"
+        )
+
+
+def check_eval_flags(a: argparse.Namespace) -> None:
+    """Refuse perplexity settings that cannot work, before anything is loaded."""
+    api.check_eval_settings(a.eval_seqlen, a.eval_windows or None, a.eval_batch_size)
+    if a.eval_windows < 0:
+        raise ConfigError(f"--eval-windows must be 0 (all) or positive, got {a.eval_windows}")
+
+
+def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> api.PerplexityResult:
+    return api.measure_perplexity(
         model,
         tokenizer=tokenizer,
         dataset=a.eval_dataset,
@@ -442,6 +523,13 @@ def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> float:
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
+    check_quant_flags(a)
+    if a.eval:
+        check_eval_flags(a)
+    else:
+        refuse_unused(
+            changed_flags(a, EVAL_DEFAULTS), "only {verb} with --eval: add --eval, or drop it"
+        )
     config = config_from_args(a)
     result = api.quantize(
         a.model,
@@ -460,11 +548,23 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         f"NaN events {r['nan_events']}; written to {a.output}"
     )
     if a.eval:
-        print(f"perplexity ({a.eval_dataset}): {_eval(result.model, result.tokenizer, a):.4f}")
+        ppl = _eval(result.model, result.tokenizer, a)
+        print(f"perplexity ({ppl.protocol}): {ppl.perplexity:.4f}")
     return 0
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    if a.tasks:
+        perplexity_only = {k: v for k, v in EVAL_DEFAULTS.items() if k != "eval_batch_size"}
+        refuse_unused(
+            changed_flags(a, perplexity_only), "{verb} to perplexity, not to --tasks: drop it"
+        )
+    else:
+        refuse_unused(
+            changed_flags(a, {"tasks_include": None, "limit": None}),
+            "only {verb} with --tasks: add --tasks TASK,..., or drop it",
+        )
+        check_eval_flags(a)
     folder = eval_folder(a.model) if a.save else None
     result = _zeroshot(a) if a.tasks else _perplexity(a)
     if folder is not None:
@@ -473,7 +573,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _perplexity(a: argparse.Namespace) -> dict[str, object]:
-    ppl = api.evaluate(
+    ppl = api.measure_perplexity(
         a.model,
         dataset=a.eval_dataset,
         seqlen=a.eval_seqlen,
@@ -483,7 +583,7 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
         progress=not a.quiet,
         kernels=a.kernels,
     )
-    result = {"dataset": a.eval_dataset, "perplexity": ppl, "kernels": a.kernels}
+    result = {**ppl.to_dict(), "kernels": a.kernels}
     print(json.dumps({"model": a.model, **result}))
     return result
 
@@ -513,7 +613,14 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _with_eval_dataset(a: argparse.Namespace, dataset: str) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(a), "eval_dataset": dataset})
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
+    check_quant_flags(a)
+    check_eval_flags(a)
+    api.check_device(a.device)
     model, tokenizer = load_model(a.model)
     config = config_from_args(a)
     datasets = [a.eval_dataset, a.ood_dataset]
@@ -524,7 +631,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         tokenizer,
         config,
         datasets,
-        lambda m, d: _eval(m, tokenizer, argparse.Namespace(**{**vars(a), "eval_dataset": d})),
+        lambda m, d: _eval(m, tokenizer, _with_eval_dataset(a, d)).perplexity,
         device=a.device,
         dtype=a.dtype,
         progress=not a.quiet,
@@ -540,7 +647,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    out = api.export(a.input, a.output, a.format)
+    out = api.export(a.input, a.output, a.format, progress=not a.quiet)
     fmt = json.loads((out / api.REPORT_FILE).read_text())["format"]["name"]
     print(f"{fmt} model written to {out}")
     return 0
@@ -549,6 +656,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from omniquant.generate import generate
 
+    check_prompt(a.prompt)
     model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device, progress=not a.quiet)
     torch.manual_seed(a.seed)
     generate(
@@ -574,12 +682,29 @@ COMMANDS = {
 }
 
 
+@contextlib.contextmanager
+def bars_off() -> Iterator[None]:
+    """Every tqdm bar off for the duration, including those of libraries that offer no switch
+    (compressed-tensors' "Decompressing model"); a bar asked with disable= keeps its choice."""
+    from tqdm import std
+
+    init = std.tqdm.__dict__["__init__"]
+    std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -588,7 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:  # transformers' own bars too ("Loading weights")
         hf_logging.disable_progress_bar()
     try:
-        return COMMANDS[args.command](args)
+        with bars_off() if args.quiet else contextlib.nullcontext():
+            return COMMANDS[args.command](args)
     except OmniQuantError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

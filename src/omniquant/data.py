@@ -101,16 +101,25 @@ def _load_hf(name: str, split: str) -> str:
         raise DataError(f"could not load {name!r} ({split}): {exc}; " + _offline_hint()) from exc
 
 
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+            f"convert it to UTF-8 or move it out of the way"
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"cannot read text file {path}: {exc}") from exc
+
+
 def _read_local(path: Path) -> str:
     if path.is_dir():
         files = sorted(p for p in path.glob("*.txt") if p.is_file())
         if not files:
             raise DataError(f"folder {path} has no .txt files; put the text in *.txt files")
-        return "\n\n".join(p.read_text(encoding="utf-8") for p in files)
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read text file {path}: {exc}") from exc
+        return "\n\n".join(_read_file(p) for p in files)
+    return _read_file(path)
 
 
 def load_text(source: str, split: str = "train") -> str:
@@ -232,8 +241,8 @@ def eval_windows(
         count = min(count, max_windows)
     if count == 0:
         raise DataError(
-            f"evaluation text too short: a window of seqlen {seqlen} needs {span} text tokens, "
-            f"found {ids.numel()}; use a smaller --seqlen or a longer text"
+            f"evaluation text too short: a window of {seqlen} tokens needs {span} text tokens, "
+            f"found {ids.numel()}; use a smaller --eval-seqlen or a longer text"
         )
     chunks = ids[: count * span].reshape(count, span)
     if bos_id is None:

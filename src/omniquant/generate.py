@@ -10,6 +10,12 @@ from torch import nn
 from omniquant.errors import ConfigError
 
 
+def check_prompt(prompt: str) -> None:
+    """Refuse a prompt with nothing to continue (before any model is loaded)."""
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty; pass the text to continue: --prompt TEXT")
+
+
 def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
     """(1, T) token ids of the prompt, through the chat template when asked."""
     if chat:
@@ -78,6 +84,7 @@ def generate(
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not temperature >= 0:  # NaN included
         raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    check_prompt(prompt)
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
     streamer = None

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omniquant.errors import OutputError
+from omniquant.errors import ModelError, OutputError
+from omniquant.paths import check_new_output
+from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_setting
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "omniquant.json"  # what api.quantize writes (api.REPORT_FILE)
 EVAL_FILE = "eval.json"
 REPORT_MD = "report.md"
 BLOCK_PLOT = "block_loss.png"
@@ -35,7 +36,25 @@ DPI = 100
 def read_eval(folder: Path) -> dict[str, Any]:
     """The run folder's eval.json, or {} when there is none."""
     path = folder / EVAL_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path} is not readable JSON ({e}); delete it or restore it") from e
+    if not isinstance(values, dict):
+        raise ModelError(f"{path} is malformed: not a JSON object; delete it or restore it")
+    return values
+
+
+def eval_protocol(values: dict[str, Any]) -> str:
+    """What a saved perplexity was measured on: 'austen:emma, 80 × 512' (text, windows × tokens);
+    older eval.json files without the window record say so."""
+    dataset = values.get("dataset") or "?"
+    windows, seqlen = values.get("windows"), values.get("seqlen")
+    if windows is None or seqlen is None:
+        return f"{dataset}, windows not recorded"
+    return f"{dataset}, {windows} × {seqlen}"
 
 
 def eval_folder(model: str) -> Path:
@@ -277,23 +296,26 @@ def write_run_report(folder: Path, report: dict[str, Any]) -> list[Path]:
 
 def run_row(folder: Path) -> dict[str, Any]:
     """One run folder as a table row: its omniquant.json (absent: a float model) and eval.json."""
-    path, evals = folder / RUN_FILE, read_eval(folder)
-    if not path.is_file() and not evals:
+    if not folder.is_dir():
+        raise OutputError(f"{folder} does not exist or is not a folder; pass run folders")
+    report, evals = read_run_record(folder), read_eval(folder)
+    if report is None and not evals:
         raise OutputError(f"{folder} holds neither {RUN_FILE} nor {EVAL_FILE}; not a run folder")
+    ppl = evals.get("perplexity")
     row: dict[str, Any] = {
         "name": folder.name,
-        "perplexity": evals.get("perplexity"),
+        "perplexity": ppl if isinstance(ppl, int | float) else None,
         "dataset": evals.get("dataset"),
+        "eval": eval_protocol(evals) if ppl is not None else None,
         "zeroshot": mean_accuracy(evals.get("zeroshot", {})),
     }
-    if not path.is_file():
+    if report is None:
         return {**row, "method": "float", "setting": "—", "bits": 16, "group": None}
-    report = json.loads(path.read_text())
-    cfg = report["config"]
+    cfg = record_config(report).to_dict()
     return {
         **row,
         "method": method_label(cfg),
-        "setting": report["setting"],
+        "setting": record_setting(report),
         "bits": cfg["weight"]["bits"],
         "group": cfg["weight"].get("group_size"),
         "calib": f"{cfg['calib']['nsamples']} × {cfg['calib']['seqlen']}",
@@ -304,15 +326,20 @@ def run_row(folder: Path) -> dict[str, Any]:
 
 def mean_accuracy(zeroshot: dict[str, dict[str, float]]) -> float | None:
     """The mean zero-shot acc of an eval.json's "zeroshot" section, or None."""
-    accs = [v["acc"] for v in zeroshot.values() if "acc" in v]
+    if not isinstance(zeroshot, dict):
+        return None
+    accs = [v["acc"] for v in zeroshot.values() if isinstance(v, dict) and "acc" in v]
     return math.fsum(accs) / len(accs) if accs else None
 
 
 def runs_table(rows: list[dict[str, Any]]) -> list[str]:
     """One line per run; a zero-shot column when some run has zero-shot results."""
     with_zeroshot = any(r["zeroshot"] is not None for r in rows)
-    head = "| run | method | setting | nsamples × seqlen | epochs | calib s | perplexity |"
-    rule = "| --- | --- | --- | --- | --- | --- | --- |"
+    head = (
+        "| run | method | setting | nsamples × seqlen | epochs | calib s "
+        "| perplexity on (text, windows × tokens) | perplexity |"
+    )
+    rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
     if with_zeroshot:
         head, rule = head + " zero-shot acc (mean) |", rule + " --- |"
     lines = [head, rule]
@@ -322,7 +349,7 @@ def runs_table(rows: list[dict[str, Any]]) -> list[str]:
         seconds = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "—"
         line = (
             f"| {r['name']} | {r['method']} | {r['setting']} | {r.get('calib', '—')} "
-            f"| {r.get('epochs') or '—'} | {seconds} | {ppl_text} |"
+            f"| {r.get('epochs') or '—'} | {seconds} | {r.get('eval') or '—'} | {ppl_text} |"
         )
         if with_zeroshot:
             line += f" {fmt(r['zeroshot'])} |"
@@ -365,8 +392,9 @@ def plot_perplexity_vs_bits(rows: list[dict[str, Any]], path: Path) -> Path | No
 def combine_runs(runs: list[Path], out: Path) -> Path:
     """Several run folders in one markdown table and a perplexity-versus-bits plot (written into
     `out`); returns the markdown file."""
+    check_new_output(Path(out), "report folder")
     rows = [run_row(Path(run)) for run in runs]
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
     plot = plot_perplexity_vs_bits(rows, out / BITS_PLOT)
     lines = ["# OmniQuant runs", "", *runs_table(rows), ""]
     if plot is not None:

@@ -155,7 +155,7 @@ def test_perplexity_with_the_kernels_is_that_of_the_fake_quantized_model(
     # a float folder has no integer form: a clear error, not a silent float run
     args = ["eval", str(tiny_llama_folder), "--kernels", "--eval-windows", "2", "--quiet"]
     assert main(args) == 2
-    assert "kernels=True needs a quantized model folder" in capsys.readouterr().err
+    assert "--kernels needs an omniquant-packed folder" in capsys.readouterr().err
 
 
 def test_packed_loading_shows_a_bar_only_when_asked(tmp_path, capsys):

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from omniquant.errors import ConfigError, MissingDependencyError
+from omniquant.errors import ConfigError, DataError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,12 @@ def zeroshot(
             bootstrap_iters=0,
             log_samples=False,
         )
+    except OSError as e:  # ConnectionError, offline mode, a missing cached dataset
+        raise DataError(
+            f"could not get the data of task(s) {', '.join(tasks)}: "
+            f"{' '.join(str(e).split())[:200]}; standard tasks need the Hugging Face Hub (or its "
+            f"cache): offline, use --tasks-include FOLDER with tasks that read local files"
+        ) from e
     finally:
         model.to("cpu")
     return task_metrics(out["results"])

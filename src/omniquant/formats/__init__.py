@@ -17,7 +17,12 @@ from torch import nn
 
 from omniquant.config import OmniQuantConfig
 from omniquant.errors import ConfigError, ExportError
-from omniquant.formats.compressed_tensors import check_compressed_tensors, write_compressed_tensors
+from omniquant.formats.compressed_tensors import (
+    check_compressed_tensors,
+    check_compressed_tensors_setting,
+    check_compressed_tensors_widths,
+    write_compressed_tensors,
+)
 from omniquant.formats.packed import write_packed
 
 log = logging.getLogger(__name__)
@@ -25,10 +30,23 @@ log = logging.getLogger(__name__)
 FORMATS = ("fake", "compressed-tensors", "omniquant-packed")
 
 
-def resolve_format(fmt: str, model: nn.Module, config: OmniQuantConfig) -> str:
-    """'auto' is compressed-tensors where it holds the setting, omniquant-packed otherwise."""
+def check_format_name(fmt: str) -> None:
     if fmt not in (*FORMATS, "auto"):
         raise ConfigError(f"format must be auto or one of {', '.join(FORMATS)}; got {fmt!r}")
+
+
+def check_format_holds(fmt: str, config: OmniQuantConfig, widths: dict[str, int]) -> None:
+    """Refuse, before any calibration, a setting that `fmt` cannot hold: from the config and the
+    input widths of the linears to quantize (module path -> width) alone."""
+    check_format_name(fmt)
+    if fmt == "compressed-tensors":
+        check_compressed_tensors_setting(config)
+        check_compressed_tensors_widths(widths, config.weight.group_size)
+
+
+def resolve_format(fmt: str, model: nn.Module, config: OmniQuantConfig) -> str:
+    """'auto' is compressed-tensors where it holds the setting, omniquant-packed otherwise."""
+    check_format_name(fmt)
     if fmt != "auto":
         return fmt
     try:
@@ -46,13 +64,15 @@ def write_packed_format(
     config: OmniQuantConfig,
     report: dict[str, Any],
     folder: Path,
+    progress: bool = False,
 ) -> None:
-    """Write `model` as compressed-tensors or omniquant-packed into `folder`."""
+    """Write `model` as compressed-tensors or omniquant-packed into `folder` (`progress`: a bar
+    over the layers being packed)."""
     if fmt == "compressed-tensors":
-        write_compressed_tensors(model, tokenizer, config, folder)
+        write_compressed_tensors(model, tokenizer, config, folder, progress)
         report = {**report, "format": {"name": "compressed-tensors"}}
         (folder / "omniquant.json").write_text(json.dumps(report, indent=2))
     elif fmt == "omniquant-packed":
-        write_packed(model, tokenizer, report, folder)
+        write_packed(model, tokenizer, report, folder, progress)
     else:
         raise ConfigError(f"{fmt!r} is not a packed format")

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from omniquant.config import OmniQuantConfig
 from omniquant.errors import ExportError
@@ -53,8 +54,9 @@ def linears_to_export(model: nn.Module) -> dict[str, nn.Linear]:
     return linears
 
 
-def check_compressed_tensors(model: nn.Module, config: OmniQuantConfig) -> None:
-    """Raise ExportError, saying why and what would work, if the format cannot hold the run."""
+def check_compressed_tensors_setting(config: OmniQuantConfig) -> None:
+    """Raise ExportError for bits and activation settings the format cannot hold (no model
+    needed, so `quantize --format compressed-tensors` refuses them before loading anything)."""
     bits = config.weight.bits
     act = config.act
     if act.enabled and not (act.bits == 8 and bits == 8):
@@ -72,16 +74,32 @@ def check_compressed_tensors(model: nn.Module, config: OmniQuantConfig) -> None:
             f"compressed-tensors' pack-quantized layout is read alike by every version only for "
             f"{', '.join(map(str, PACKED_BITS))} bits, not {bits}: {OTHER_FORMAT}"
         )
-    linears = linears_to_export(model)
-    for name, linear in linears.items():
+
+
+def _ragged_error(name: str, group_size: int, width: int) -> ExportError:
+    return ExportError(
+        f"{name}: group size {group_size} does not divide its width {width} (the last group "
+        f"is shorter), which compressed-tensors cannot hold; quantize with a group size that "
+        f"divides every width (e.g. 64 for SmolLM2), per-channel (--group-size 0), or "
+        + OTHER_FORMAT
+    )
+
+
+def check_compressed_tensors_widths(widths: dict[str, int], group_size: int | None) -> None:
+    """Raise ExportError when `group_size` leaves a ragged last group in a linear of these input
+    widths (by module path); a group as wide as the layer or wider is one group per row."""
+    for name, width in widths.items():
+        if group_size and group_size < width and width % group_size:
+            raise _ragged_error(name, group_size, width)
+
+
+def check_compressed_tensors(model: nn.Module, config: OmniQuantConfig) -> None:
+    """Raise ExportError, saying why and what would work, if the format cannot hold the run."""
+    check_compressed_tensors_setting(config)
+    for name, linear in linears_to_export(model).items():
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
         if qp.ragged:
-            raise ExportError(
-                f"{name}: group size {qp.group_size} does not divide its width "
-                f"{qp.in_features} (the last group is shorter), which compressed-tensors cannot "
-                f"hold; quantize with a group size that divides every width (e.g. 64 for "
-                f"SmolLM2), per-channel (--group-size 0), or " + OTHER_FORMAT
-            )
+            raise _ragged_error(name, qp.group_size, qp.in_features)
 
 
 def _strategy(qp: LinearQParams) -> dict[str, Any]:
@@ -139,13 +157,16 @@ def quantization_config(
     }
 
 
-def compressed_tensors_state(model: nn.Module, config: OmniQuantConfig) -> dict[str, torch.Tensor]:
+def compressed_tensors_state(
+    model: nn.Module, config: OmniQuantConfig, progress: bool = False
+) -> dict[str, torch.Tensor]:
     """The safetensors state dict: quantized linears compressed, everything else as it is."""
     dtype = next(model.parameters()).dtype
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     bits = config.weight.bits
     mid = 2 ** (bits - 1)
-    for name, linear in quantized_linears(model).items():
+    linears = quantized_linears(model).items()
+    for name, linear in tqdm(linears, desc="packing layers", disable=not progress):
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
         codes = weight_codes(linear.weight, qp)
         del state[f"{name}.weight"]
@@ -167,13 +188,13 @@ def dense_linear_names(model: nn.Module) -> list[str]:
 
 
 def write_compressed_tensors(
-    model: nn.Module, tokenizer: Any, config: OmniQuantConfig, folder: Path
+    model: nn.Module, tokenizer: Any, config: OmniQuantConfig, folder: Path, progress: bool = False
 ) -> None:
     """Write a compressed-tensors model folder (the caller makes it atomic)."""
     from safetensors.torch import save_file
 
     check_compressed_tensors(model, config)
-    state = compressed_tensors_state(model, config)
+    state = compressed_tensors_state(model, config, progress)
     if getattr(model.config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
     folder.mkdir(parents=True, exist_ok=True)

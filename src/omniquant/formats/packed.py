@@ -37,6 +37,7 @@ from omniquant.kernels.linear import QuantLinear
 from omniquant.memory import parameters_on_meta, release_free_memory
 from omniquant.quant.primitives import effective_group_size
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
+from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_format
 
 FORMAT = {"name": "omniquant-packed", "version": 1}
 WEIGHTS_FILE = "model.safetensors"
@@ -52,11 +53,11 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return half if torch.equal(half.float(), t) else t
 
 
-def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def packed_state(model: nn.Module, progress: bool = False) -> dict[str, torch.Tensor]:
     """The safetensors state dict of the packed format."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    linears = linears_to_export(model)
-    for name, linear in linears.items():
+    linears = linears_to_export(model).items()
+    for name, linear in tqdm(linears, desc="packing layers", disable=not progress):
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
         codes = weight_codes(linear.weight, qp)
         del state[f"{name}.weight"]
@@ -68,11 +69,17 @@ def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: _compact(v) for k, v in state.items()}
 
 
-def write_packed(model: nn.Module, tokenizer: Any, report: dict[str, Any], folder: Path) -> None:
+def write_packed(
+    model: nn.Module,
+    tokenizer: Any,
+    report: dict[str, Any],
+    folder: Path,
+    progress: bool = False,
+) -> None:
     """Write an omniquant-packed model folder (the caller makes it atomic)."""
     from safetensors.torch import save_file
 
-    state = packed_state(model)
+    state = packed_state(model, progress)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     model.config.save_pretrained(folder)
@@ -86,10 +93,8 @@ def write_packed(model: nn.Module, tokenizer: Any, report: dict[str, Any], folde
 
 def is_packed(folder: Path) -> bool:
     """Whether a folder holds an omniquant-packed model."""
-    report = folder / "omniquant.json"
-    if not report.is_file():
-        return False
-    return json.loads(report.read_text()).get("format", {}).get("name") == FORMAT["name"]
+    record = read_run_record(folder)
+    return record is not None and record_format(record) == FORMAT["name"]
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -132,10 +137,12 @@ def load_packed(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    report = json.loads((folder / "omniquant.json").read_text())
+    report = read_run_record(folder)
+    if report is None or record_format(report) != FORMAT["name"]:
+        raise ModelError(f"{folder} is not an omniquant-packed folder (see its {RUN_FILE})")
     if report["format"].get("version") != FORMAT["version"]:
         raise ModelError(f"{folder}: omniquant-packed version {report['format']} is not readable")
-    config = OmniQuantConfig.from_dict(report["config"])
+    config = record_config(report)
     with parameters_on_meta(), no_init_weights():  # the weights come from the file
         model = AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(folder), dtype=torch.float32

@@ -37,20 +37,33 @@ def _check_bits(bits: int) -> None:
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, n) unsigned codes (any integer dtype, values < 2^bits) -> (rows, words) int32."""
+    """(rows, n) unsigned codes (any integer dtype, values < 2^bits) -> (rows, words) int32.
+
+    32 codes fill exactly `bits` words, so every block of 32 codes packs alike: code k goes to
+    word k*b // 32, shifted left by k*b % 32, and the bits that spill over that word's top go to
+    the next word. The codes of one word are consecutive, so each word is a sum (their bits never
+    overlap) over a slice of the shifted codes: `bits` vectorized sums pack the whole matrix."""
     _check_bits(bits)
     rows, n = codes.shape
-    words = packed_words(n, bits)
-    c = codes.to(torch.int64)
-    if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}]")
-    shifts = torch.arange(bits, dtype=torch.int64, device=c.device)
-    stream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)  # bit k*b + i = u_k[i]
-    stream = torch.nn.functional.pad(stream, (0, words * WORD_BITS - n * bits))
-    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=c.device) << torch.arange(
-        WORD_BITS, device=c.device
-    )
-    packed = (stream.reshape(rows, words, WORD_BITS) * weights).sum(-1)  # in [0, 2^32)
+    blocks = math.ceil(n / WORD_BITS)
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, blocks * WORD_BITS - n))
+    c = c.reshape(rows, blocks, WORD_BITS)
+    offsets = torch.arange(WORD_BITS, device=c.device) * bits  # stream bit of code k
+    shift = offsets % WORD_BITS
+    low = (c << shift) & 0xFFFFFFFF  # the part of each code in its own word
+    high = c >> (WORD_BITS - shift)  # the part that spills into the next word (mostly 0)
+    starts = [math.ceil(j * WORD_BITS / bits) for j in range(bits + 1)]  # first code of word j
+    packed = torch.stack(
+        [
+            low[..., starts[j] : starts[j + 1]].sum(-1)
+            + (high[..., starts[j] - 1] if starts[j] * bits > j * WORD_BITS else 0)
+            for j in range(bits)
+        ],
+        dim=-1,
+    )  # (rows, blocks, bits) in [0, 2^32)
+    packed = packed.reshape(rows, blocks * bits)[:, : packed_words(n, bits)]
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
