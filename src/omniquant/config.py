@@ -110,7 +110,7 @@ class CalibConfig:
     lwc_init: float = 4.0
     let_alpha: float | None = None  # None: 0.5, or 0.75 with 4-bit activations; identity if A16
     zero_point_ste: bool = True  # straight-through gradient through the zero point's rounding
-    let_scale: Literal["log", "direct"] = "log"  # LET learns log s, or s itself (reference)
+    let_scale: Literal["log", "direct"] = "direct"  # LET learns s itself (reference), or log s
     let_init: Literal["ours", "reference"] = "ours"  # LET's starting scales (see transforms/let)
     shuffle: bool = False  # False: windows in the same order every epoch, as the reference code
     val_samples: int | None = None  # held-out windows for the guard; None: `val_windows`' default

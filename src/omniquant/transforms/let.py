@@ -217,7 +217,7 @@ class LetPlan:
     shifts: bool  # learn shifts where the norm has a bias
     # "log": learn log s (a step changes s by a relative amount); "direct": learn s itself, its
     # magnitude floored at 1e-2 in the forward pass (straight-through), as the reference code
-    scale_param: ScaleParam = "log"
+    scale_param: ScaleParam = "direct"
     # "ours": SmoothQuant start of the norm sites from the quantized chain's inputs and the largest
     # |W| over all linears of the site, v→o at the identity; "reference": as the reference code,
     # statistics of the float chain, |W| of the site's first linear, and v→o SmoothQuant-style too
@@ -233,7 +233,7 @@ def plan_let(
     config: object,
     alpha: float | None,
     shifts: bool,
-    scale_param: ScaleParam = "log",
+    scale_param: ScaleParam = "direct",
     init: LetInit = "ours",
 ) -> LetPlan:
     """The LET plan of a model; logs the places left out and why."""
@@ -261,7 +261,8 @@ class _FloorSTE(torch.autograd.Function):
 
 
 class LetParams(nn.Module):
-    """The learnable scales (as logarithms) and shifts of one block, one entry per site."""
+    """The learnable scales (s itself, or log s: `LetPlan.scale_param`) and shifts of one block,
+    one entry per site."""
 
     def __init__(self, plan: LetPlan, block: nn.Module) -> None:
         super().__init__()
