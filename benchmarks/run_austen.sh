@@ -67,3 +67,20 @@ omniquant eval "$K" --kernels --threads 2 --quiet | tee -a $R/kernels_ppl.txt
 for run in 1 2; do
   $B --results $R/speed_repeat.jsonl --threads 1 --methods omniquant --settings W3A16g128 --nsamples 32 --epochs 5
 done
+
+# Differences from the reference code (README table; benchmarks/results/ablations.jsonl).
+# Rows 1 and 4-6 ran at commit 1e7e954 (windows reshuffled, no guard, LET log-scales by default);
+# with today's code add --shuffle --val-samples 0 (and --set let_scale=log where the row says log).
+X="$B --results benchmarks/results/ablations.jsonl --threads 2 --methods omniquant --nsamples 16 --epochs 2"
+$X --settings W3A16g128 --shuffle --val-samples 0                          # 107.196 (STE zero point)
+$X --settings W3A16g128 --shuffle --val-samples 0 --set zero_point_ste=false   # 108.762
+$X --settings W3A16g128 --val-samples 0                                    # fixed order: 107.293
+$X --settings W3A16g128                                                    # + guard: 107.098
+X4="$X --settings W4A4 --let --shuffle --val-samples 0 --set let_alpha=0.5"
+$X4 --set let_scale=log                                                    # 375.87
+$X4 --set let_scale=direct                                                 # 357.19
+$X4 --set let_scale=log --set let_init=reference
+$X4 --set let_scale=log --set qkv_point=projection
+$X --settings W3A16g128 --let --shuffle --val-samples 0 --set let_scale=log  # LET fold fix: 80.23
+python3 benchmarks/symmetric_grid.py --threads 2 --settings W4A16,W3A16g128
+# The demo (README): omniquant demo --threads 2
