@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from omniquant.config import ActQuant
 from omniquant.models.architecture import Architecture, block_linears, get_module
@@ -35,8 +38,6 @@ QKV_FLAG = "_omniquant_qkv_quant"  # on an attention module: the ActQuant of its
 def _attention_function(module: nn.Module, name: str) -> Callable[..., Any]:
     """A registered attention implementation, or the module's family's own
     `eager_attention_forward` (eager is not in the registry)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[name]
     return sys.modules[type(module).__module__].eager_attention_forward
@@ -63,9 +64,6 @@ def qkv_quant_attention(
 
 def _register(inner: str) -> str:
     """Register `omniquant_qkv_<inner>` as an attention function (and with `inner`'s masks)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     name = QKV_PREFIX + inner
     AttentionInterface.register(name, partial(qkv_quant_attention, omniquant_inner=inner))
     if inner in ALL_MASK_ATTENTION_FUNCTIONS:
