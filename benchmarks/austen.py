@@ -67,6 +67,14 @@ def variant_fields(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def device_name(device: str) -> str:
+    """What a row ran on: 'cpu', or the CUDA device's name (rows from other machines differ
+    in the last digits; their seconds are not CPU seconds)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+    return device
+
+
 def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, object]:
     model, tokenizer = load_model(a.model)
     row: dict[str, object] = {"method": method, "setting": setting if method != "float" else "-"}
@@ -96,7 +104,9 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
         )
         config = OmniQuantConfig(weight, act, calib)
         t0 = time.perf_counter()
-        result = api.quantize(model, config, tokenizer=tokenizer, dtype=a.dtype, progress=False)
+        result = api.quantize(
+            model, config, tokenizer=tokenizer, device=a.device, dtype=a.dtype, progress=False
+        )
         seconds = time.perf_counter() - t0
         model = result.model
         blocks = result.report["blocks"]
@@ -123,9 +133,11 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             loss_before=[b["loss_before"] for b in blocks],
             loss_after=[b["loss_after"] for b in blocks],
         )
-    ppl = api.evaluate(model, tokenizer=tokenizer, progress=False)
-    ood = api.evaluate(model, tokenizer=tokenizer, dataset=OOD_DATASET, progress=False)
+    windows = {"device": a.device, "max_windows": a.eval_windows, "progress": False}
+    ppl = api.evaluate(model, tokenizer=tokenizer, **windows)
+    ood = api.evaluate(model, tokenizer=tokenizer, dataset=OOD_DATASET, **windows)
     row.update(calib_seconds=round(seconds, 1), threads=torch.get_num_threads(), perplexity=ppl)
+    row.update(device=device_name(a.device), eval_windows=a.eval_windows)
     row.update(ood_dataset=OOD_DATASET, ood_perplexity=ood)
     if a.zeroshot:
         row.update(zeroshot_row(model, tokenizer, a.task_folder, a.task))
@@ -350,6 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--patience", type=int, default=2, help="guard patience, 0 = no early stop")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda[:N]: where calibration and evaluation run (float32 unless --dtype)",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=80,
+        help="windows of 512 per evaluation text (80 = austen-v1; fewer only for smoke runs)",
+    )
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and exit")
     p.add_argument("--compare", action="store_true", help="print the README comparison tables")
