@@ -132,6 +132,9 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             fallbacks=result.report["fallbacks"],
             loss_before=[b["loss_before"] for b in blocks],
             loss_after=[b["loss_after"] for b in blocks],
+            # the guard's held-out loss at the start and after folding (NaN: no held-out windows)
+            val_before=[b["val_losses"][0] if b["val_losses"] else None for b in blocks],
+            val_after=[b["val_loss_after"] for b in blocks],
         )
     windows = {"device": a.device, "max_windows": a.eval_windows, "progress": False}
     ppl = api.evaluate(model, tokenizer=tokenizer, **windows)

@@ -15,7 +15,7 @@ from omniquant.calibrate import (
 )
 from omniquant.capture import BlockArgs, capture_block_inputs
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
-from omniquant.errors import CalibrationError
+from omniquant.errors import CalibrationError, ConfigError
 from omniquant.guard import Guard
 from omniquant.models import block_linears, decoder_layers, get_architecture
 from omniquant.quant.primitives import to_groups
@@ -278,7 +278,9 @@ def test_windows_come_in_a_fixed_order_unless_shuffled():
 # ---------------------------------------------------------------- scale-aware weight training
 
 
-def _train_scaled_linear(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_scaled_linear(
+    scale: float, bound: float | None = None, epochs: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train one linear whose weights (and targets) are multiplied by `scale`; returns its
     offset in quantization steps (delta) and the weight's move divided by its steps."""
     g = torch.Generator().manual_seed(0)
@@ -289,7 +291,9 @@ def _train_scaled_linear(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         block[0].weight.copy_(scale * w)
     xs = [torch.randn(1, 6, 32, generator=g) for _ in range(4)]
     targets = [scale * x @ teacher.T for x in xs]
-    cfg = CalibConfig(lwc=False, weight_lr=0.05, epochs=3, nsamples=4, seqlen=6)
+    cfg = CalibConfig(
+        lwc=False, weight_lr=0.05, epochs=epochs, nsamples=4, seqlen=6, weight_bound=bound
+    )
     bq = attach_block_quant(block, SPEC, cfg, None, None)
     train_block(block, bq, BlockData(xs, targets, None, BlockArgs((), {})), cfg, RT, seed=0)
     offset = bq.offsets["0"]
@@ -305,6 +309,22 @@ def test_weight_training_moves_weights_of_any_scale_by_the_same_number_of_steps(
     torch.testing.assert_close(delta_big, delta_small, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(steps_big, steps_small, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(steps_big, delta_big, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_bound_keeps_every_offset_within_the_bound():
+    """Unbounded, 10 epochs at 0.05 steps carry some weights past 0.3 steps; bounded at 0.25,
+    none passes it, some sit on it, and the weights really are within 0.25 steps of the start."""
+    free, _ = _train_scaled_linear(1.0, None, epochs=10)
+    bounded, steps = _train_scaled_linear(1.0, 0.25, epochs=10)
+    assert free.abs().max() > 0.3
+    assert bounded.abs().max() <= 0.25
+    assert steps.abs().max() <= 0.25 + 1e-5
+    assert (bounded.abs() == 0.25).any()
+
+
+def test_weight_bound_must_be_positive():
+    with pytest.raises(ConfigError, match="weight_bound"):
+        CalibConfig(weight_bound=0.0)
 
 
 def test_absolute_weight_lr_unit_moves_weights_in_weight_units():

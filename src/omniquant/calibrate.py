@@ -197,6 +197,12 @@ class BlockQuant:
             groups.append({"params": offsets, "lr": lr, "weight_decay": 0.0, "eps": eps})
         return [g for g in groups if g["params"]]
 
+    def bound_offsets(self, bound: float | None) -> None:
+        """Project the weight offsets into [-bound, bound] (no-op without a bound)."""
+        if bound is not None:
+            for o in self.offsets.values():
+                o.bound_(bound)
+
     def state(self) -> dict[str, Any]:
         """What the block learned, on the CPU (for --resume)."""
         lwc = {
@@ -397,6 +403,7 @@ def _train_epoch(
         while not _finite_step(state.opt, loss):
             _recover(bq, cfg, state)
             loss = _loss(block, j, data, cfg, runtime)
+        bq.bound_offsets(cfg.weight_bound)
         copy_into(state.good, state.params)
         total += loss.item()
     return total / len(order)

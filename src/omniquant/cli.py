@@ -259,6 +259,15 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         help="unit of --weight-lr: step = quantization steps of each weight's group (default); "
         "absolute = weight units, as before (to reproduce older rows)",
     )
+    p.add_argument(
+        "--weight-bound",
+        type=float,
+        default=d.weight_bound,
+        help="keep each trained weight within this many steps (--weight-lr's unit) of its "
+        "start: 0.5 lets training choose each weight's rounding and no more (default: "
+        "unbounded). Guards text of other domains against weights that drift where the "
+        "calibration text does not look (README, best recipe)",
+    )
     p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
     p.add_argument(
         "--zero-point-grad",
@@ -464,6 +473,7 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             seed=a.seed,
             zero_point_ste=a.zero_point_grad == "ste",
             weight_lr_unit=a.weight_lr_unit,
+            weight_bound=a.weight_bound,
             let_scale=a.let_scale,
             let_init=a.let_init,
             shuffle=a.shuffle,

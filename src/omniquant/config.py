@@ -102,6 +102,7 @@ class CalibConfig:
     wd: float = 0.0
     weight_lr: float = 0.0  # in quantization steps of each group (quant/weight_training.py)
     weight_lr_unit: Literal["step", "absolute"] = "step"  # absolute: weight units (older rows)
+    weight_bound: float | None = None  # |Δ| ≤ bound (in --weight-lr's unit); None: unbounded
     aug_loss: bool = False
     loss: LossWeighting = "mse"
     calib_dataset: str = "austen:prideprejudice"
@@ -144,6 +145,8 @@ class CalibConfig:
         for name in ("lwc_lr", "let_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_bound is not None and not self.weight_bound > 0:
+            raise ConfigError(f"weight_bound must be > 0 or None, got {self.weight_bound}")
         if self.wd < 0 or self.weight_lr < 0:
             raise ConfigError(f"wd and weight_lr must be >= 0, got {self.wd}, {self.weight_lr}")
         if self.val_samples is not None and (
