@@ -84,3 +84,7 @@ $X4 --set let_scale=log --set qkv_point=projection
 $X --settings W3A16g128 --let --shuffle --val-samples 0 --set let_scale=log  # LET fold fix: 80.23
 python3 benchmarks/symmetric_grid.py --threads 2 --settings W4A16,W3A16g128
 # The demo (README): omniquant demo --threads 2
+
+# On one CUDA device (H100/H200), float32: the recipe table on both texts and the pure OmniQuant
+# W8A8/W6A6/W4A4 rows at the reference budget, 10 rows at a time (benchmarks/results/gpu_h200.jsonl)
+bash benchmarks/gpu_quality.sh /tmp/gpu-quality 10 3000
