@@ -165,3 +165,21 @@ def test_a_small_budget_spills_activations_and_reports_it(tokenizer, tmp_path):
     assert run.report["memory"]["spilled_bytes"] > 0
     assert ref.report["memory"]["spilled_bytes"] == 0
     _same_folders(tmp_path / "a", tmp_path / "b")
+
+
+def test_the_cli_streams_reports_memory_and_refuses_a_small_budget(tokenizer, tmp_path, capsys):
+    from omniquant.cli import main
+
+    folder = _folder("llama", tokenizer, tmp_path)
+    flags = ["--model", str(folder), "--nsamples", "2", "--seqlen", "32", "--epochs", "1"]
+    flags += ["--group-size", "32", "--quiet", "--stream"]
+    assert main(["quantize", *flags, "--output", str(tmp_path / "q"), "--max-memory", "1M"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-memory 0.00 GiB is too small" in err and "give at least" in err
+    out = tmp_path / "q"
+    assert main(["quantize", *flags, "--output", str(out), "--activation-dtype", "bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    assert "peak RSS" in printed and "activations spilled 0.00 GiB" in printed
+    record = json.loads((out / "omniquant.json").read_text())
+    assert record["memory"]["activation_dtype"] == "bfloat16"
+    assert record["config"]["calib"]["activation_dtype"] == "bfloat16"

@@ -55,6 +55,7 @@ from omniquant.stream import (
     SafetensorsWeights,
     ShardWriter,
     StreamedBlocks,
+    capture_embedding,
     drop,
     fill,
     outside_names,
@@ -519,15 +520,19 @@ def _capture_streamed(
 ) -> CapturedInputs:
     """Block 0's inputs with only the modules outside the blocks read from disk (the lm_head
     left out: the forward stops before it), and dropped again after."""
+    token_embedding = arch.embeddings[0]
     names = [
         n
         for n in outside_names(model, arch.layers)
-        if not n.startswith(arch.lm_head + ".") and n not in tied_sources(model)
+        if not n.startswith((arch.lm_head + ".", token_embedding + "."))
+        and n not in tied_sources(model)
     ]
     fill(model, source, names)
+    ids, restore = capture_embedding(model, source, token_embedding, batches)
     try:
-        return capture_block_inputs(model, blocks, batches, runtime.device)
+        return capture_block_inputs(model, blocks, ids, runtime.device)
     finally:
+        restore()
         drop(model, names)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from omniquant.activations import ActivationStore, MemoryBudget, StoreView
+from omniquant.activations import ActivationStore, MemoryBudget, StoreView, peak_rss_bytes
 from omniquant.capture import BlockArgs, CapturedInputs, map_tensors
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError, ExportError
@@ -68,6 +68,7 @@ class BlockReport:
     best_epoch: int = 0  # 0: the start
     fell_back: bool = False  # no epoch beat the start: the starting parameters were restored
     stopped_early: bool = False
+    peak_rss_bytes: int = 0  # the process's peak RSS so far, when this block was done
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -673,6 +674,7 @@ def calibrate_blocks(
                 if math.isnan(report.loss_before):  # nothing trained: the loss did not change
                     report.loss_before = report.loss_after
                 report.seconds = time.perf_counter() - t0
+                report.peak_rss_bytes = peak_rss_bytes()
                 store.save(i, params, report)
             if not math.isfinite(report.loss_after):
                 raise CalibrationError(f"block {i}: non-finite output after quantization")

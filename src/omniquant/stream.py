@@ -14,10 +14,14 @@ values (float32), in other shard files.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from omniquant.model_io import hub_options, one_line, resolve_model_path
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+CHUNK_BYTES = 64 << 20  # big tensors are read and written in row blocks of about this size
 
 
 def weights_folder(name: str | os.PathLike[str] | None) -> Path:
@@ -78,22 +82,58 @@ class SafetensorsWeights:
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
-    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors of `keys`, each file opened once and closed after (its mapping dropped)."""
+    def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) for each of `keys`, one at a time (a caller that converts and keeps
+        each before taking the next never holds two copies of a block); each file is opened
+        once and closed after, its mapping dropped."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.files[key], []).append(key)
-        out: dict[str, torch.Tensor] = {}
         for file, names in by_file.items():
             try:
                 with safe_open(str(file), "pt") as f:
                     for key in names:
-                        out[key] = f.get_tensor(key)
+                        yield key, f.get_tensor(key)
+            except ModelError:
+                raise
             except Exception as e:  # safetensors' own errors on a truncated file
                 raise ModelError(f"could not read {file}: {one_line(e)}") from e
-        return out
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def chunks(self, key: str, dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+        """The tensor `key` in row blocks of about CHUNK_BYTES, converted to `dtype` (None:
+        as stored): a big tensor (an embedding, an lm_head) never sits in memory whole."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
+            part = f.get_slice(key)
+            shape = part.get_shape()
+            if not shape:
+                yield f.get_tensor(key).to(dtype or f.get_tensor(key).dtype)
+                return
+            row = max(1, math.prod(shape[1:])) * 4
+            step = max(1, CHUNK_BYTES // row)
+            for start in range(0, shape[0], step):
+                chunk = part[start : start + step]
+                yield chunk if dtype is None or not chunk.is_floating_point() else chunk.to(dtype)
+
+    def rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (sorted, unique) of the matrix `key` in float32, read in row blocks."""
+        picked = []
+        start = 0
+        for chunk in self.chunks(key, None):
+            stop = start + chunk.shape[0]
+            lo, hi = torch.searchsorted(index, torch.tensor([start, stop]))
+            picked.append(chunk[index[lo:hi] - start].to(torch.float32))
+            start = stop
+        return torch.cat(picked)
 
 
 def tied_sources(model: nn.Module) -> dict[str, str]:
@@ -138,19 +178,21 @@ def fill(model: nn.Module, source: SafetensorsWeights, names: Iterable[str]) -> 
             f"{source.folder}: the safetensors files lack {len(missing)} tensors of the model "
             f"(e.g. {', '.join(missing[:3])}); is it a plain Hugging Face folder of this model?"
         )
-    values = source.read({k for k in keys.values() if k in source})
+    wanted = {}
     for name, key in keys.items():
-        if key not in values:
-            continue  # a buffer built with the model and not stored
-        value = values[key]
+        if key in source:
+            wanted.setdefault(key, []).append(name)
+    for key, value in source.read(wanted):
         if value.is_floating_point():
             value = value.to(torch.float32)
-        if tuple(value.shape) != tuple(state[name].shape):
-            raise ModelError(
-                f"{source.folder}: {key} has shape {tuple(value.shape)} where the model "
-                f"expects {tuple(state[name].shape)}"
-            )
-        _set_tensor(model, name, value)
+        for name in wanted[key]:
+            if tuple(value.shape) != tuple(state[name].shape):
+                raise ModelError(
+                    f"{source.folder}: {key} has shape {tuple(value.shape)} where the model "
+                    f"expects {tuple(state[name].shape)}"
+                )
+            _set_tensor(model, name, value)
+        del value
 
 
 def drop(model: nn.Module, names: Iterable[str]) -> None:
@@ -167,6 +209,67 @@ def outside_names(model: nn.Module, layers: str) -> list[str]:
     return [n for n in model.state_dict() if not n.startswith(layers + ".")]
 
 
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass
+class Entry:
+    """One tensor to write: its name, dtype, shape and its bytes as row blocks."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterable[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, name: str, t: torch.Tensor) -> Entry:
+        t = t.detach().to("cpu").contiguous()
+        return cls(name, t.dtype, tuple(t.shape), lambda: [t])
+
+
+def write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
+    """A safetensors file written block by block: an 8-byte little-endian header length, the
+    JSON header (name -> dtype, shape, [start, end) offsets into the data, padded with spaces
+    to 8 bytes), then each tensor's bytes in order. Nothing is held but one row block."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": SAFETENSORS_DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offset += e.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for e in entries:
+            written = 0
+            for chunk in e.chunks():
+                chunk = chunk.to(e.dtype).contiguous()
+                f.write(chunk.view(torch.uint8).numpy().data if chunk.numel() else b"")
+                written += chunk.numel() * chunk.element_size()
+            if written != e.nbytes:
+                raise ValueError(f"{e.name}: wrote {written} bytes, expected {e.nbytes}")
+
+
 class ShardWriter:
     """Writes the output model as safetensors shards, one at a time, and their index."""
 
@@ -176,17 +279,14 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
 
-    def write(self, shard: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
+    def write(self, shard: str, entries: list[Entry]) -> None:
         file = f"{shard}.safetensors"
         tmp = self.folder / f"{shard}.tmp"
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tmp, entries, {"format": "pt"})
         tmp.replace(self.folder / file)
-        for key, value in tensors.items():
-            self.weight_map[key] = file
-            self.sizes[key] = value.numel() * value.element_size()
+        for e in entries:
+            self.weight_map[e.name] = file
+            self.sizes[e.name] = e.nbytes
 
     def finish(self) -> None:
         index = {
@@ -216,9 +316,9 @@ class StreamedBlocks:
 
     def release(self, index: int, block: nn.Module) -> None:
         prefix = f"{self.layers}.{index}."
-        self.writer.write(
-            f"block-{index:05d}", {prefix + k: v for k, v in block.state_dict().items()}
-        )
+        entries = [Entry.of(prefix + k, v) for k, v in block.state_dict().items()]
+        self.writer.write(f"block-{index:05d}", entries)
+        del entries
         block.to("meta")
         release_free_memory()
 
@@ -239,10 +339,45 @@ def write_rest(
     names = [n for n in outside_names(model, layers) if n not in tied]
     if quantize_head is not None and head in tied:
         names.append(head)
+    state = model.state_dict(keep_vars=True)
     for k, name in enumerate(names):
-        fill(model, source, [name])
-        value = model.state_dict(keep_vars=True)[name].detach()
+        key = name if name in source else tied.get(name, name)
         if name == head and quantize_head is not None:
-            value = quantize_head(value)
-        writer.write(f"rest-{k:05d}", {name: value})
-        drop(model, [name])
+            fill(model, source, [name])
+            entry = Entry.of(name, quantize_head(model.get_parameter(name).detach()))
+            drop(model, [name])
+        elif key in source:  # copied in row blocks, converted to float32
+            value = state[name]
+            dtype = torch.float32 if value.is_floating_point() else value.dtype
+            shape = source.shape(key)
+            entry = Entry(name, dtype, shape, functools.partial(source.chunks, key, dtype))
+        else:  # a buffer the model builds itself
+            entry = Entry.of(name, state[name])
+        writer.write(f"rest-{k:05d}", [entry])
+
+
+def capture_embedding(
+    model: nn.Module, source: SafetensorsWeights, module_name: str, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], Callable[[], None]]:
+    """Fill the token embedding with only the rows the calibration windows use (read in row
+    blocks) and renumber the windows' ids to match: the model's own forward then embeds them
+    exactly as with the whole table, which never sits in memory. Returns the renumbered batches
+    and a function that puts the embedding back on the meta device."""
+    module = model.get_submodule(module_name)
+    name = f"{module_name}.weight"
+    tied = tied_sources(model)
+    key = name if name in source else tied.get(name, name)
+    if key not in source:
+        raise ModelError(f"{source.folder}: the safetensors files lack {name}")
+    original = module.weight
+    used = torch.cat([b.flatten() for b in batches]).unique()  # sorted
+    _set_tensor(model, name, source.rows(key, used))
+    padding_idx = getattr(module, "padding_idx", None)
+    module.padding_idx = None  # only the gradient depends on it; it may lie beyond the rows
+
+    def restore() -> None:
+        _set_tensor(model, name, original)
+        module.padding_idx = padding_idx
+        release_free_memory()
+
+    return [torch.searchsorted(used, b) for b in batches], restore
