@@ -107,6 +107,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--activation-dtype", default="float32")
     p.add_argument("--max-memory", default=None)
+    p.add_argument("--calib-dataset", default=None, help="default: quantize's (austen)")
     p.add_argument("--tokenizer", type=Path, default=None, help="default: SmolLM2's folder")
     p.add_argument("--keep", action="store_true", help="keep the random model for another run")
     p.add_argument("--results", type=Path, default=HERE / "results" / "scale.jsonl")
@@ -137,6 +138,8 @@ def main() -> int:
     cmd += ["--activation-dtype", a.activation_dtype]
     if a.max_memory:
         cmd += ["--max-memory", a.max_memory]
+    if a.calib_dataset:
+        cmd += ["--calib-dataset", a.calib_dataset]
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
