@@ -183,3 +183,25 @@ def test_the_cli_streams_reports_memory_and_refuses_a_small_budget(tokenizer, tm
     record = json.loads((out / "omniquant.json").read_text())
     assert record["memory"]["activation_dtype"] == "bfloat16"
     assert record["config"]["calib"]["activation_dtype"] == "bfloat16"
+
+
+def test_streaming_a_hub_model_from_the_hub_cache(tokenizer, tmp_path, monkeypatch):
+    """A Hub id streams from huggingface_hub's cache (offline here: a cache laid out by hand)."""
+    folder = _folder("qwen2", tokenizer, tmp_path)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny--qwen2" / "snapshots" / ("0" * 40)
+    snapshot.parent.mkdir(parents=True)
+    (cache / "models--tiny--qwen2" / "refs").mkdir()
+    (cache / "models--tiny--qwen2" / "refs" / "main").write_text("0" * 40)
+    folder.rename(snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # "tiny/qwen2" is not a local path
+    run = omniquant.quantize(
+        "tiny/qwen2", _config(), output=tmp_path / "str", progress=False, stream=True
+    )
+    assert run.report["model"] == "tiny/qwen2"
+    omniquant.quantize(snapshot, _config(), output=tmp_path / "mem", progress=False)
+    _same_folders(tmp_path / "mem", tmp_path / "str")
