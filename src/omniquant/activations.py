@@ -283,11 +283,12 @@ class MemoryPlan:
         return self.fixed_bytes + (self.copies + 1) * self.batch_bytes
 
     def predicted_peak(self) -> int:
-        """Peak RSS expected: the capture (the model outside the blocks and one chain in
-        float32) or the block loop (the fixed part and the activations it keeps in RAM)."""
+        """Peak RSS expected: the capture (the model when it is held in memory, and one chain
+        in float32) or the block loop (the fixed part, the activations it keeps in RAM and a
+        batch in flight)."""
         in_ram = min(self.copies * self.chain_bytes, max(self.activation_budget, 0))
-        capture = BASE_BYTES + max(self.outside_bytes, self.resident_bytes)
-        capture += self.n_batches * self.batch_bytes
+        # streamed, the capture reads only the embedding rows the windows use (next to nothing)
+        capture = BASE_BYTES + self.resident_bytes + self.n_batches * self.batch_bytes
         return max(capture, self.fixed_bytes + in_ram + self.batch_bytes)
 
     def check(self, model: str) -> None:

@@ -316,9 +316,14 @@ def _after_failure(partial: Path | None, store: StateStore) -> None:
 
 
 def memory_plan(
-    model: nn.Module, config: OmniQuantConfig, stream: bool, max_memory: int | str | None
+    model: nn.Module,
+    config: OmniQuantConfig,
+    stream: bool,
+    max_memory: int | str | None,
+    loaded: bool = False,
 ) -> MemoryPlan:
-    """The run's memory plan from the model's shape (a meta skeleton will do)."""
+    """The run's memory plan from the model's shape (a meta skeleton will do). `loaded`: the
+    model is in memory already, so the free memory (the default budget) excludes it."""
     if isinstance(max_memory, str):
         try:
             max_memory = parse_bytes(max_memory)
@@ -339,7 +344,7 @@ def memory_plan(
         block_bytes=4 * block_params,
         work_bytes=4 * block_params * factor,
         outside_bytes=4 * (total - in_blocks),
-        resident_bytes=0 if stream else 4 * total,
+        resident_bytes=0 if stream or (loaded and max_memory is None) else 4 * total,
         batch_bytes=4 * c.batch_size * c.seqlen * hidden,
         n_batches=n_windows // c.batch_size,
         store_itemsize=STORE_DTYPES[c.activation_dtype].itemsize,
@@ -425,7 +430,7 @@ def quantize(
         check_loaded_is_float(model, model_name)
     else:
         check_setting(model, config, fmt)
-        plan = memory_plan(model, config, False, max_memory)
+        plan = memory_plan(model, config, False, max_memory, loaded=True)
         plan.check(model_name)
         text = load_text(config.calib.calib_dataset)
     if tokenizer is None:
@@ -483,7 +488,6 @@ def quantize(
         if source is not None and out is not None and partial is not None:
             report["format"] = {"name": "fake"}
             write_streamed_output(model, tokenizer, report, partial, out, source, writer, config)
-            report["memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the writing included
         elif out is not None and partial is not None:
             written = resolve_format(fmt, model, config)
             report["format"] = {"name": written}
@@ -562,6 +566,7 @@ def write_streamed_output(
 
     write_rest(model, source, writer, arch.layers, arch.lm_head, quantize_head)
     writer.finish()
+    report["memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the writing included
     stage = writer.folder
     model.config.dtype = torch.float32
     model.config.save_pretrained(stage)
@@ -626,6 +631,8 @@ def write_output(
     if fmt == "fake":
         save_model(model, tokenizer, stage)
         save_grids(model, stage)
+        if "memory" in report:
+            report["memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the writing included
         (stage / REPORT_FILE).write_text(json.dumps(report, indent=2))
     else:
         write_packed_format(fmt, model, tokenizer, config or OmniQuantConfig(), report, stage)
