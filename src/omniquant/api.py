@@ -17,8 +17,19 @@ import torch
 from torch import nn
 
 from omniquant import __version__
-from omniquant.calibrate import BlockReport, Runtime, StateStore, calibrate_blocks
-from omniquant.capture import capture_block_inputs
+from omniquant.activations import (
+    STORE_DTYPES,
+    WORK_FACTOR_RTN,
+    WORK_FACTOR_TRAIN,
+    MemoryBudget,
+    MemoryPlan,
+    default_max_memory,
+    parse_bytes,
+    peak_device_bytes,
+    peak_rss_bytes,
+)
+from omniquant.calibrate import BlockReport, LoopMemory, Runtime, StateStore, calibrate_blocks
+from omniquant.capture import CapturedInputs, capture_block_inputs
 from omniquant.config import OmniQuantConfig
 from omniquant.data import bos_token_id, calibration_windows, eval_windows, load_text, tokenize_text
 from omniquant.errors import ConfigError, ModelError, OutputError
@@ -40,6 +51,17 @@ from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import attach_grids, save_grids
 from omniquant.report import write_run_report
 from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_format
+from omniquant.stream import (
+    SafetensorsWeights,
+    ShardWriter,
+    StreamedBlocks,
+    capture_embedding,
+    drop,
+    fill,
+    outside_names,
+    tied_sources,
+    write_rest,
+)
 from omniquant.transforms.let import LetPlan, attention_shape, plan_let
 
 log = logging.getLogger(__name__)
@@ -159,9 +181,11 @@ def model_skeleton(name: str | os.PathLike[str] | None) -> nn.Module:
     config = load_config(name)
     try:
         with parameters_on_meta(), no_init_weights():
-            return AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config)
     except ValueError as e:
         raise ModelError(f"could not load model {name!r} as a causal LM: {one_line(e)}") from e
+    model.tie_weights()  # the meta parameters are new objects: tie them again (a tied lm_head)
+    return model
 
 
 def check_float_source(name: str | os.PathLike[str] | None) -> None:
@@ -291,6 +315,56 @@ def _after_failure(partial: Path | None, store: StateStore) -> None:
         )
 
 
+def memory_plan(
+    model: nn.Module,
+    config: OmniQuantConfig,
+    stream: bool,
+    max_memory: int | str | None,
+    loaded: bool = False,
+) -> MemoryPlan:
+    """The run's memory plan from the model's shape (a meta skeleton will do). `loaded`: the
+    model is in memory already, so the free memory (the default budget) excludes it."""
+    if isinstance(max_memory, str):
+        try:
+            max_memory = parse_bytes(max_memory)
+        except ValueError as e:
+            raise ConfigError(f"--max-memory: {e}") from e
+    arch = get_architecture(model)
+    blocks = decoder_layers(model, arch)
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    total = sum(p.numel() for p in model.parameters())  # tied tensors counted once
+    in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
+    c = config.calib
+    hidden = model.config.get_text_config().hidden_size
+    n_windows = c.nsamples + c.val_windows
+    factor = WORK_FACTOR_TRAIN if c.trains else WORK_FACTOR_RTN
+    return MemoryPlan(
+        max_memory=default_max_memory() if max_memory is None else int(max_memory),
+        stream=stream,
+        block_bytes=4 * block_params,
+        work_bytes=4 * block_params * factor,
+        outside_bytes=4 * (total - in_blocks),
+        resident_bytes=0 if stream or (loaded and max_memory is None) else 4 * total,
+        batch_bytes=4 * c.batch_size * c.seqlen * hidden,
+        n_batches=n_windows // c.batch_size,
+        store_itemsize=STORE_DTYPES[c.activation_dtype].itemsize,
+        copies=LoopMemory().copies(c),
+    )
+
+
+def memory_report(
+    plan: MemoryPlan, budget: MemoryBudget, runtime: Runtime, config: OmniQuantConfig
+) -> dict[str, Any]:
+    """What the run used: peak RSS, peak device memory, activations spilled, against the plan."""
+    return {
+        **plan.to_dict(),
+        **budget.to_dict(),
+        "activation_dtype": config.calib.activation_dtype,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_device_bytes": peak_device_bytes(runtime.device),
+    }
+
+
 def quantize(
     model: str | os.PathLike[str] | nn.Module | None = None,
     config: OmniQuantConfig | None = None,
@@ -302,6 +376,8 @@ def quantize(
     resume: bool = False,
     progress: bool = True,
     format: str = "fake",
+    stream: bool = False,
+    max_memory: int | str | None = None,
 ) -> QuantizeResult:
     """Quantize a causal LM with OmniQuant (or RTN) block by block.
 
@@ -311,24 +387,51 @@ def quantize(
     the work lives in `<output>.partial` and `resume=True` continues it from the next block (or,
     when every block is done, writes the output again). `format`: "fake" (float weights on the
     grid), "compressed-tensors", "omniquant-packed" or "auto" (see `omniquant.formats`). Every
-    refusal (settings, format, output, model, text) comes before the model's weights are loaded
-    and before anything is written.
+    refusal (settings, format, output, model, text, memory) comes before the model's weights are
+    loaded and before anything is written.
+
+    `stream=True` never loads the whole model: each block is read from the safetensors files
+    when it is calibrated and written to the output as soon as it is done (`omniquant.stream`);
+    it needs a model path, an `output` and the fake format, and the returned model is the
+    skeleton (its weights on the meta device): load the output to use it. `max_memory` (bytes,
+    or '24GB'; default: the free memory minus a margin) bounds the run: activations beyond what
+    it leaves spill to files in the partial folder, and a budget too small for one block is
+    refused before anything is loaded.
     """
     config = config or OmniQuantConfig()
     check_format_name(format)
     fmt = format if output is not None else "fake"
     runtime = runtime_for(device, dtype, progress)
     out = Path(output) if output is not None else None
+    if stream:
+        check_stream_settings(model, out, fmt)
     partial = _prepare_output(out, resume)
     model_name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
+    source = None
     if not isinstance(model, nn.Module):
         check_float_source(model)
-        check_setting(model_skeleton(model), config, fmt)
+        skeleton = model_skeleton(model)
+        check_setting(skeleton, config, fmt)
+        plan = memory_plan(skeleton, config, stream, max_memory)
+        plan.check(model_name)
         text = load_text(config.calib.calib_dataset)
-        model, tokenizer = load_model(model)
+        if stream:
+            from transformers import AutoTokenizer
+
+            from omniquant.stream import weights_folder
+
+            folder = weights_folder(model)
+            source = SafetensorsWeights(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = skeleton.eval()
+        else:
+            del skeleton
+            model, tokenizer = load_model(model)
         check_loaded_is_float(model, model_name)
     else:
         check_setting(model, config, fmt)
+        plan = memory_plan(model, config, False, max_memory, loaded=True)
+        plan.check(model_name)
         text = load_text(config.calib.calib_dataset)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: quantize(model, tokenizer=...)")
@@ -342,10 +445,23 @@ def quantize(
         _check_resume(partial, run_id)
         store = StateStore(partial / "state")
         _log_resume(store, partial, len(blocks))
+    budget = MemoryBudget(
+        limit=max(plan.activation_budget, 0),
+        folder=partial / "activations" if partial is not None else None,
+    )
+    memory = LoopMemory(STORE_DTYPES[config.calib.activation_dtype], budget)
     torch.manual_seed(config.calib.seed)
     t0 = time.perf_counter()
     try:
-        captured = capture_block_inputs(model, blocks, batches, runtime.device)
+        val_batches = config.calib.val_windows // config.calib.batch_size
+        weights = None
+        if source is not None:
+            assert partial is not None
+            writer = ShardWriter(partial / OUTPUT_STAGE)
+            weights = StreamedBlocks(model, arch.layers, source, writer)
+            captured = _capture_streamed(model, blocks, batches, runtime, source, arch)
+        else:
+            captured = capture_block_inputs(model, blocks, batches, runtime.device)
         reports = calibrate_blocks(
             blocks,
             captured,
@@ -357,21 +473,113 @@ def quantize(
             let_plan=let_plan,
             arch=arch,
             head_dim=head_dim_of(model, arch),
-            val_batches=config.calib.val_windows // config.calib.batch_size,
+            val_batches=val_batches,
+            memory=memory,
+            weights=weights,
+            consume=True,
         )
-        if config.quantize_lm_head:
+        del captured
+        if config.quantize_lm_head and source is None:
             quantize_lm_head(model, config, arch.lm_head)
         seconds = time.perf_counter() - t0
         report = build_report(model_name, arch.name, config, runtime, reports, seconds)
+        report["memory"] = memory_report(plan, budget, runtime, config)
         log.info("calibrated %d blocks in %.1f s", len(reports), seconds)
-        if out is not None and partial is not None:
+        if source is not None and out is not None and partial is not None:
+            report["format"] = {"name": "fake"}
+            write_streamed_output(model, tokenizer, report, partial, out, source, writer, config)
+        elif out is not None and partial is not None:
             written = resolve_format(fmt, model, config)
             report["format"] = {"name": written}
             write_output(model, tokenizer, report, partial, out, written, config)
     except BaseException:
         _after_failure(partial, store)
         raise
+    finally:
+        budget.cleanup()
     return QuantizeResult(model, tokenizer, report, out)
+
+
+def check_stream_settings(model: Any, out: Path | None, fmt: str) -> None:
+    """What --stream needs: a model path, an output folder (the blocks are written there as
+    they finish) and the fake format (packed formats are written from a whole model)."""
+    if isinstance(model, nn.Module):
+        raise ConfigError("stream=True reads the weights from disk: pass a model path, not a model")
+    if out is None:
+        raise ConfigError("--stream writes each block as it finishes: it needs --output")
+    if fmt != "fake":
+        raise ConfigError(
+            f"--stream writes the fake format; export it afterwards to {fmt} with `omniquant "
+            f"export` (which loads the quantized model)"
+        )
+
+
+def _capture_streamed(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: list[torch.Tensor],
+    runtime: Runtime,
+    source: SafetensorsWeights,
+    arch: Architecture,
+) -> CapturedInputs:
+    """Block 0's inputs with only the modules outside the blocks read from disk (the lm_head
+    left out: the forward stops before it), and dropped again after."""
+    token_embedding = arch.embeddings[0]
+    names = [
+        n
+        for n in outside_names(model, arch.layers)
+        if not n.startswith((arch.lm_head + ".", token_embedding + "."))
+        and n not in tied_sources(model)
+    ]
+    fill(model, source, names)
+    ids, restore = capture_embedding(model, source, token_embedding, batches)
+    try:
+        return capture_block_inputs(model, blocks, ids, runtime.device)
+    finally:
+        restore()
+        drop(model, names)
+
+
+def write_streamed_output(
+    model: nn.Module,
+    tokenizer: Any,
+    report: dict[str, Any],
+    partial: Path,
+    out: Path,
+    source: SafetensorsWeights,
+    writer: ShardWriter,
+    config: OmniQuantConfig,
+) -> None:
+    """Finish the folder whose block shards the loop wrote: the tensors outside the blocks (the
+    lm_head rounded when asked), the shard index, config, tokenizer, grids and the run record;
+    then rename it to the output, as `write_output` does."""
+    arch = get_architecture(model)
+    quantize_head = None
+    if config.quantize_lm_head:
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False
+
+        def quantize_head(weight: torch.Tensor) -> torch.Tensor:
+            q = LWC(weight.shape[0], weight.shape[1], config.weight, learnable=False)
+            with torch.no_grad():
+                return q(weight.clone())
+
+    write_rest(model, source, writer, arch.layers, arch.lm_head, quantize_head)
+    writer.finish()
+    report["memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the writing included
+    stage = writer.folder
+    model.config.dtype = torch.float32
+    model.config.save_pretrained(stage)
+    if (source.folder / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_pretrained(source.folder).save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
+    save_grids(model, stage)
+    (stage / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    write_run_report(stage, report)
+    stage.rename(out)
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def build_report(
@@ -423,6 +631,8 @@ def write_output(
     if fmt == "fake":
         save_model(model, tokenizer, stage)
         save_grids(model, stage)
+        if "memory" in report:
+            report["memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the writing included
         (stage / REPORT_FILE).write_text(json.dumps(report, indent=2))
     else:
         write_packed_format(fmt, model, tokenizer, config or OmniQuantConfig(), report, stage)

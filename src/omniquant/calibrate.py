@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from omniquant.activations import ActivationStore, MemoryBudget, StoreView, peak_rss_bytes
 from omniquant.capture import BlockArgs, CapturedInputs, map_tensors
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError, ExportError
@@ -45,6 +46,8 @@ from omniquant.quant.weight_training import ADAM_EPS, StepOffset
 from omniquant.transforms.let import ChannelStats, LetParams, LetPlan, attach_let, stats_hooks
 
 log = logging.getLogger(__name__)
+
+Batches = Sequence[torch.Tensor] | ActivationStore | StoreView  # per batch (B, T, C), on the CPU
 
 
 @dataclass
@@ -65,6 +68,7 @@ class BlockReport:
     best_epoch: int = 0  # 0: the start
     fell_back: bool = False  # no epoch beat the start: the starting parameters were restored
     stopped_early: bool = False
+    peak_rss_bytes: int = 0  # the process's peak RSS so far, when this block was done
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,14 +252,15 @@ def attach_block_quant(
 def gather_stats(
     block: nn.Module,
     plan: LetPlan,
-    inputs: list[torch.Tensor],
+    inputs: Batches,
     extra: BlockArgs,
     runtime: Runtime,
 ) -> dict[int, ChannelStats]:
     """Per-channel input statistics of the LET norm sites on the given inputs."""
     stats, handles = stats_hooks(block, plan)
     try:
-        run_block_all(block, inputs, extra, runtime)
+        for x in inputs:  # the hooks keep the statistics; the outputs are not needed
+            run_block(block, x.to(runtime.device, torch.float32), extra, runtime)
     finally:
         for h in handles:
             h.remove()
@@ -276,7 +281,7 @@ def run_block(
 
 @torch.no_grad()
 def run_block_all(
-    block: nn.Module, inputs: list[torch.Tensor], extra: BlockArgs, runtime: Runtime
+    block: nn.Module, inputs: Batches, extra: BlockArgs, runtime: Runtime
 ) -> list[torch.Tensor]:
     """Run the block on every batch; outputs go back to the CPU in the inputs' dtype."""
     return [
@@ -286,9 +291,48 @@ def run_block_all(
 
 
 @torch.no_grad()
-def mean_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], weighting: str) -> float:
+def run_block_over(
+    block: nn.Module,
+    store: ActivationStore,
+    extra: BlockArgs,
+    runtime: Runtime,
+    targets: Batches | None = None,
+    weighting: str = "mse",
+) -> list[float]:
+    """Replace every batch of the store by the block's output on it, one batch at a time (no
+    second copy of the chain); with `targets`, returns each batch's loss of the stored output
+    against its target."""
+    losses = []
+    for j in range(len(store)):
+        x = store[j]
+        out = run_block(block, x.to(runtime.device, torch.float32), extra, runtime)
+        store[j] = out.to("cpu", x.dtype)
+        if targets is not None:
+            losses.append(block_loss(store[j], targets[j], weighting).item())
+    return losses
+
+
+@torch.no_grad()
+def mean_loss(outputs: Batches, targets: Batches, weighting: str) -> float:
     pairs = zip(outputs, targets, strict=True)
     return sum(block_loss(o, t, weighting).item() for o, t in pairs) / len(outputs)
+
+
+@torch.no_grad()
+def mean_loss_of(
+    block: nn.Module,
+    inputs: Batches,
+    targets: Batches,
+    extra: BlockArgs,
+    runtime: Runtime,
+    weighting: str,
+) -> float:
+    """`mean_loss` of the block's outputs on `inputs`, without keeping the outputs."""
+    total = 0.0
+    for x, t in zip(inputs, targets, strict=True):
+        out = run_block(block, x.to(runtime.device, torch.float32), extra, runtime)
+        total += block_loss(out.to("cpu", x.dtype), t, weighting).item()
+    return total / len(inputs)
 
 
 # ---------------------------------------------------------------- training one block
@@ -300,12 +344,12 @@ def _optimizer(bq: BlockQuant, cfg: CalibConfig, lr_scale: float) -> torch.optim
 
 @dataclass
 class BlockData:
-    """One block's batches (training or validation), on the CPU, and its extra arguments on the
-    device."""
+    """One block's batches (training or validation), on the CPU (lists, or activation stores
+    and their slices), and its extra arguments on the device."""
 
-    inputs_q: list[torch.Tensor]  # X_q
-    targets: list[torch.Tensor]  # F(W, X_fp)
-    aug_targets: list[torch.Tensor] | None  # F(W, X_q), with aug_loss
+    inputs_q: Batches  # X_q
+    targets: Batches  # F(W, X_fp)
+    aug_targets: Batches | None  # F(W, X_q), with aug_loss
     extra: BlockArgs
 
     def split(self, n_val: int) -> tuple[BlockData, BlockData | None]:
@@ -516,6 +560,29 @@ def _block_on(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         block.to("cpu", dtype)
 
 
+class BlockWeights(Protocol):
+    """Where the blocks' weights come from and go (weights streamed from disk): `load` fills
+    block i's parameters before it is calibrated, `release` writes the quantized block and
+    drops its weights."""
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def release(self, index: int, block: nn.Module) -> None: ...
+
+
+@dataclass
+class LoopMemory:
+    """How the block loop keeps its activations: the stored dtype and the shared RAM budget."""
+
+    dtype: torch.dtype = torch.float32
+    budget: MemoryBudget = field(default_factory=MemoryBudget)
+
+    def copies(self, cfg: CalibConfig) -> int:
+        """Full chains of activations the loop holds at its peak: X_fp (overwritten by the
+        targets), X_q (overwritten by the outputs), and F(W, X_q) with aug_loss."""
+        return 3 if cfg.aug_loss and cfg.trains else 2
+
+
 def calibrate_blocks(
     blocks: nn.ModuleList,
     captured: CapturedInputs,
@@ -530,97 +597,120 @@ def calibrate_blocks(
     arch: Architecture | None = None,
     head_dim: int | None = None,
     val_batches: int = 0,
+    memory: LoopMemory | None = None,
+    weights: BlockWeights | None = None,
+    consume: bool = False,
 ) -> list[BlockReport]:
     """Quantize every block in place; returns one report per block.
 
     With `act` enabled, activation quantizers are attached to each block (and stay attached);
     with `let_plan`, LET is learned jointly with LWC and folded. The last `val_batches` captured
     batches are held out: they go through both chains but only the guard sees them.
+    `captured.hidden` is copied into the loop's activation stores (`memory`: their dtype and
+    RAM budget); with `consume`, moved (the list is emptied, so no other copy stays). With
+    `weights`, each block's weights are loaded before and released after its calibration.
+
+    The activations held at once: the float chain's store (block l's inputs, replaced batch by
+    batch by its targets F(W, X_fp), which are block l+1's inputs) and the quantized chain's
+    (X_q, replaced by F(Q(W), X_q)), plus F(W, X_q) while the block trains with aug_loss.
     """
     if not 0 <= val_batches < len(captured.hidden):
         raise CalibrationError(
             f"{val_batches} validation batches of {len(captured.hidden)} captured leave no "
             "training batch"
         )
+    memory = memory or LoopMemory()
     n_train = len(captured.hidden) - val_batches
     store = store or StateStore(None)
     resume_from = store.completed()
-    inputs_fp = captured.hidden
-    inputs_q = captured.hidden
+    chain_fp = ActivationStore.of("fp", memory.dtype, memory.budget, captured.hidden)
+    if consume:
+        captured.hidden.clear()  # the float chain's store holds them now
+    chain_q = ActivationStore.of("q", memory.dtype, memory.budget, chain_fp)
     reports: list[BlockReport] = []
     bar = tqdm(range(len(blocks)), desc="blocks", disable=not runtime.progress)
-    for i in bar:
-        t0 = time.perf_counter()
-        extra = _extra_on_device(captured.block_args[i], runtime.device)
-        saved = store.load(i) if i < resume_from else None
-        with _block_on(blocks[i], runtime.device) as block:
-            block.requires_grad_(False)
-            targets = run_block_all(block, inputs_fp, extra, runtime)
-            aug = (
-                run_block_all(block, inputs_q, extra, runtime)
-                if cfg.aug_loss and cfg.trains and saved is None
-                else None
-            )
-            stats = (
-                gather_stats(
-                    block,
-                    let_plan,
-                    _stats_inputs(let_plan, inputs_fp[:n_train], inputs_q[:n_train]),
-                    extra,
-                    runtime,
+    try:
+        for i in bar:
+            t0 = time.perf_counter()
+            extra = _extra_on_device(captured.block_args[i], runtime.device)
+            saved = store.load(i) if i < resume_from else None
+            if weights is not None:
+                weights.load(i, blocks[i])
+            with _block_on(blocks[i], runtime.device) as block:
+                block.requires_grad_(False)
+                # LET's statistics first: they read the float chain's inputs, which the targets
+                # then replace
+                stats = (
+                    gather_stats(
+                        block,
+                        let_plan,
+                        _stats_inputs(let_plan, chain_fp[:n_train], chain_q[:n_train]),
+                        extra,
+                        runtime,
+                    )
+                    if let_plan is not None and saved is None
+                    else None
                 )
-                if let_plan is not None and saved is None
-                else None
-            )
-            bq = attach_block_quant(block, spec, cfg, let_plan, stats)
-            if act is not None and act.enabled:
-                attach_act_quantizers(block, act, arch or let_plan.arch, head_dim)
-            if saved is not None:
-                bq.load(saved[0])
-                report = saved[1]
-            else:
-                data = BlockData(inputs_q, targets, aug, extra)
-                report = _train_and_report(i, block, bq, data, cfg, runtime, val_batches)
-            params = bq.state()
-            fold_parametrizations(block)
-            record_qparams(block, bq, spec)
-            outputs_q = run_block_all(block, inputs_q, extra, runtime)
-        if saved is None:
-            report.loss_after = mean_loss(outputs_q[:n_train], targets[:n_train], cfg.loss)
-            if val_batches:
-                report.val_loss_after = mean_loss(outputs_q[n_train:], targets[n_train:], cfg.loss)
-            if math.isnan(report.loss_before):  # nothing trained: the loss did not change
-                report.loss_before = report.loss_after
-            report.seconds = time.perf_counter() - t0
-            store.save(i, params, report)
-        if not math.isfinite(report.loss_after):
-            raise CalibrationError(f"block {i}: non-finite output after quantization")
-        reports.append(report)
-        if report.fell_back:
-            log.warning(
-                "block %d: training never beat the starting held-out loss %.5g (epochs: %s); "
-                "its starting parameters are restored",
+                aug = None
+                if cfg.aug_loss and cfg.trains and saved is None:
+                    aug = ActivationStore.of("aug", memory.dtype, memory.budget, chain_q)
+                    run_block_over(block, aug, extra, runtime)
+                run_block_over(block, chain_fp, extra, runtime)  # now the targets F(W, X_fp)
+                targets = chain_fp
+                bq = attach_block_quant(block, spec, cfg, let_plan, stats)
+                if act is not None and act.enabled:
+                    attach_act_quantizers(block, act, arch or let_plan.arch, head_dim)
+                if saved is not None:
+                    bq.load(saved[0])
+                    report = saved[1]
+                else:
+                    data = BlockData(chain_q, targets, aug, extra)
+                    report = _train_and_report(i, block, bq, data, cfg, runtime, val_batches)
+                if aug is not None:
+                    aug.clear()
+                params = bq.state()
+                fold_parametrizations(block)
+                record_qparams(block, bq, spec)
+                losses = run_block_over(block, chain_q, extra, runtime, targets, cfg.loss)
+            if weights is not None:
+                weights.release(i, blocks[i])
+            if saved is None:
+                report.loss_after = sum(losses[:n_train]) / n_train
+                if val_batches:
+                    report.val_loss_after = sum(losses[n_train:]) / val_batches
+                if math.isnan(report.loss_before):  # nothing trained: the loss did not change
+                    report.loss_before = report.loss_after
+                report.seconds = time.perf_counter() - t0
+                report.peak_rss_bytes = peak_rss_bytes()
+                store.save(i, params, report)
+            if not math.isfinite(report.loss_after):
+                raise CalibrationError(f"block {i}: non-finite output after quantization")
+            reports.append(report)
+            if report.fell_back:
+                log.warning(
+                    "block %d: training never beat the starting held-out loss %.5g (epochs: %s); "
+                    "its starting parameters are restored",
+                    i,
+                    report.val_losses[0],
+                    ", ".join(f"{v:.5g}" for v in report.val_losses[1:]),
+                )
+            bar.set_postfix(loss=f"{report.loss_before:.3g}->{report.loss_after:.3g}")
+            log.info(
+                "block %d: loss %.5g -> %.5g (%.1fs)",
                 i,
-                report.val_losses[0],
-                ", ".join(f"{v:.5g}" for v in report.val_losses[1:]),
+                report.loss_before,
+                report.loss_after,
+                report.seconds,
             )
-        bar.set_postfix(loss=f"{report.loss_before:.3g}->{report.loss_after:.3g}")
-        log.info(
-            "block %d: loss %.5g -> %.5g (%.1fs)",
-            i,
-            report.loss_before,
-            report.loss_after,
-            report.seconds,
-        )
-        if on_block is not None:
-            on_block(report)
-        inputs_fp, inputs_q = targets, outputs_q
+            if on_block is not None:
+                on_block(report)
+    finally:
+        chain_fp.clear()
+        chain_q.clear()
     return reports
 
 
-def _stats_inputs(
-    plan: LetPlan, inputs_fp: list[torch.Tensor], inputs_q: list[torch.Tensor]
-) -> list[torch.Tensor]:
+def _stats_inputs(plan: LetPlan, inputs_fp: Batches, inputs_q: Batches) -> Batches:
     """LET's starting statistics: the float chain's inputs (reference), else the quantized one's."""
     return inputs_fp if plan.reference_init else inputs_q
 
@@ -637,8 +727,7 @@ def _train_and_report(
     if not cfg.trains:
         return BlockReport(index, loss_before=float("nan"), loss_after=float("nan"), seconds=0.0)
     train, validation = data.split(val_batches)
-    outputs = run_block_all(block, train.inputs_q, train.extra, runtime)
-    before = mean_loss(outputs, train.targets, cfg.loss)
+    before = mean_loss_of(block, train.inputs_q, train.targets, train.extra, runtime, cfg.loss)
     t0 = time.perf_counter()
     epoch_losses, state, guard = train_block(
         block, bq, train, cfg, runtime, cfg.seed + index, validation

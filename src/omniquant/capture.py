@@ -120,7 +120,8 @@ def move_outside_blocks(
 ) -> None:
     """Move embeddings, rotary tables, final norm, lm_head... (everything but the blocks)."""
     for module in _outside_blocks(model, blocks):
-        module.to(device)
+        if not any(p.is_meta for p in module.parameters()):  # meta: not read from disk (stream)
+            module.to(device)
     for name, buf in list(model.named_buffers(recurse=False)):
         setattr(model, name, buf.to(device))
 

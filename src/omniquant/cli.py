@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from omniquant import api
+from omniquant.activations import gib
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.data import load_text
 from omniquant.demo import DEMO_DEFAULTS, demo_rows, demo_table, recipe
@@ -299,6 +300,13 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         "--quantize-lm-head", action="store_true", help="also round the lm_head (default off)"
     )
     p.add_argument(
+        "--activation-dtype",
+        choices=["float32", "bfloat16"],
+        default=d.activation_dtype,
+        help="dtype the calibration activations are stored in between blocks (bfloat16 halves "
+        f"their memory; default {d.activation_dtype})",
+    )
+    p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
@@ -341,6 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue an interrupted run from <output>.partial"
     )
     q.add_argument("--format", choices=[*FORMATS, "auto"], default="fake", help=FORMAT_HELP)
+    q.add_argument(
+        "--stream",
+        action="store_true",
+        help="never load the whole model: read each block from the safetensors files when it "
+        "is calibrated and write it to --output when done (fake format)",
+    )
+    q.add_argument(
+        "--max-memory",
+        default=None,
+        help="memory the run may use, e.g. 24GB (default: the free memory minus a margin); "
+        "activations beyond it spill to files in <output>.partial, and a budget too small "
+        "for one block is refused before loading",
+    )
     q.add_argument("--eval", action="store_true", help="print the perplexity of the result")
     _add_eval_data(q)
     _add_runtime(q)
@@ -479,6 +500,7 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             shuffle=a.shuffle,
             val_samples=a.val_samples,
             patience=a.patience,
+            activation_dtype=a.activation_dtype,
         ),
         quantize_lm_head=a.quantize_lm_head,
     )
@@ -550,6 +572,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         resume=a.resume,
         progress=not a.quiet,
         format=a.format,
+        stream=a.stream,
+        max_memory=a.max_memory,
     )
     r = result.report
     print(
@@ -557,8 +581,14 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         f"{r['calibration_seconds']:.1f} s ({r['runtime']['threads']} threads), "
         f"NaN events {r['nan_events']}; written to {a.output}"
     )
+    m = r["memory"]
+    print(
+        f"peak RSS {gib(m['peak_rss_bytes'])}, peak device memory "
+        f"{gib(m['peak_device_bytes'])}, activations spilled {gib(m['spilled_bytes'])}"
+    )
     if a.eval:
-        ppl = _eval(result.model, result.tokenizer, a)
+        model = a.output if a.stream else result.model  # streamed: the weights are on disk
+        ppl = _eval(model, result.tokenizer if not a.stream else None, a)
         print(f"perplexity ({ppl.protocol}): {ppl.perplexity:.4f}")
     return 0
 

@@ -116,6 +116,8 @@ class CalibConfig:
     shuffle: bool = False  # False: windows in the same order every epoch, as the reference code
     val_samples: int | None = None  # held-out windows for the guard; None: `val_windows`' default
     patience: int = 2  # epochs without a better held-out loss before a block stops; 0: never
+    # the dtype the block loop stores the chains' activations in between blocks (activations.py)
+    activation_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):
@@ -128,6 +130,10 @@ class CalibConfig:
             raise ConfigError(f"let_scale must be 'log' or 'direct', got {self.let_scale!r}")
         if self.let_init not in ("ours", "reference"):
             raise ConfigError(f"let_init must be 'ours' or 'reference', got {self.let_init!r}")
+        if self.activation_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(
+                f"activation_dtype must be 'float32' or 'bfloat16', got {self.activation_dtype!r}"
+            )
         if self.loss not in ("mse", "token-normalized"):
             raise ConfigError(f"loss must be 'mse' or 'token-normalized', got {self.loss!r}")
         for name in ("epochs", "max_nan_retries", "patience"):
