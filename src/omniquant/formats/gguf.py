@@ -498,10 +498,11 @@ def _is_norm(hf_name: str) -> bool:
 
 
 def model_tensors(
-    model: nn.Module, arch: str, options: GgufOptions, kind: str
+    model: nn.Module, arch: str, options: GgufOptions, kind: str, matrices: str = "f32"
 ) -> tuple[list[TensorOut], dict[str, float]]:
     """Every tensor of the GGUF file (GGUF names), and the relative error of each float tensor
-    written lossily (f16 or Q8_0 embeddings and head)."""
+    written lossily (f16 or Q8_0 embeddings and head). Linears with a grid become `kind`
+    blocks; other matrices are written as `matrices` (f32: exact)."""
     hf = model.config
     names = _gguf_names(model, arch)
     tied = bool(getattr(hf, "tie_word_embeddings", False))
@@ -537,7 +538,7 @@ def model_tensors(
         elif gguf_base == "output":
             float_kind = options.output
         elif t.dim() > 1:
-            float_kind = "f32"  # an unquantized matrix: kept exact
+            float_kind = matrices
         written, err = float_tensor(name, t, float_kind)
         if err:
             errors[name] = err
@@ -551,6 +552,39 @@ def _file_type(kind: str) -> int:
     return int(getattr(gguf.LlamaFileType, f"MOSTLY_{kind}"))
 
 
+def _write_file(
+    path: Path, arch: str, model: nn.Module, vocab: Vocab, tensors: list[TensorOut], ftype: int
+) -> None:
+    """The GGUF bytes, written to `<path>.partial` and renamed to `path` when complete."""
+    import gguf
+
+    name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), arch)
+    try:
+        add_metadata(writer, model.config, arch, name, ftype)
+        add_vocab(writer, vocab)
+        for t in tensors:
+            raw = gguf.GGMLQuantizationType[t.raw_type] if t.raw_type else None
+            writer.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _vocab_of(model: nn.Module, tokenizer: Any) -> Vocab:
+    if tokenizer is None:
+        raise ExportError("GGUF export needs the tokenizer (it is part of the file)")
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    return tokenizer_vocab(tokenizer, n_vocab, model.config)
+
+
 def write_gguf(
     model: nn.Module,
     tokenizer: Any,
@@ -561,38 +595,13 @@ def write_gguf(
     """Write `model` (its linears carrying their grids) as one GGUF file at `path`, atomically:
     the bytes go to `<path>.partial`, renamed when complete. Returns what was written (types,
     the relative error of lossy float tensors) for the run report."""
-    import gguf
-
     options = options or GgufOptions()
     check_gguf_setting(config)
     arch = gguf_architecture(model.config)
     kind = gguf_weight_type(config.weight)
-    if tokenizer is None:
-        raise ExportError("GGUF export needs the tokenizer (it is part of the file)")
+    vocab = _vocab_of(model, tokenizer)
     tensors, errors = model_tensors(model, arch, options, kind)
-    n_vocab = model.get_input_embeddings().weight.shape[0]
-    vocab = tokenizer_vocab(tokenizer, n_vocab, model.config)
-    name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
-    partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), arch)
-    try:
-        add_metadata(writer, model.config, arch, name, _file_type(kind))
-        add_vocab(writer, vocab)
-        for t in tensors:
-            if t.raw_type is None:
-                writer.add_tensor(t.name, np.ascontiguousarray(t.data))
-            else:
-                raw = gguf.GGMLQuantizationType[t.raw_type]
-                writer.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, path)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
+    _write_file(path, arch, model, vocab, tensors, _file_type(kind))
     return {
         "name": "gguf",
         "file": path.name,
@@ -604,6 +613,20 @@ def write_gguf(
         "relative_rms_error": errors,
         "bits_per_weight": bits_per_weight(tensors),
     }
+
+
+def write_float_gguf(model: nn.Module, tokenizer: Any, path: Path, dtype: str = "f32") -> None:
+    """A float model (no grids) as a GGUF file of f32 or f16 matrices: what llama.cpp's own
+    quantizer (llama-quantize) starts from."""
+    import gguf
+
+    if dtype not in ("f32", "f16"):
+        raise ConfigError(f"a float GGUF is f32 or f16, not {dtype!r}")
+    arch = gguf_architecture(model.config)
+    vocab = _vocab_of(model, tokenizer)
+    tensors, _ = model_tensors(model, arch, GgufOptions(dtype, dtype), "", matrices=dtype)
+    ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    _write_file(path, arch, model, vocab, tensors, int(ftype))
 
 
 def bits_per_weight(tensors: list[TensorOut]) -> float:
@@ -659,6 +682,7 @@ __all__ = [
     "check_gguf_widths",
     "gguf_architecture",
     "gguf_weight_type",
+    "write_float_gguf",
     "write_gguf",
     "write_gguf_folder",
 ]
