@@ -301,3 +301,44 @@ def test_quantize_refuses_before_loading_and_writes_atomically(tiny_llama_folder
         got = loaded(ids).logits
     assert (got - want).abs().max() <= 2e-3 * want.abs().max()
     assert np.array_equal(tokenizer("Emma")["input_ids"], result.tokenizer("Emma")["input_ids"])
+
+
+def test_a_float_model_written_as_f32_gguf_loads_back_exactly(tmp_path):
+    from omniquant.formats.gguf import write_float_gguf
+
+    tokenizer = byte_bpe_tokenizer()
+    model = gguf_tiny_model("qwen2", len(tokenizer))
+    write_float_gguf(model, tokenizer, tmp_path / GGUF_FILE, "f32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=GGUF_FILE).eval()
+    ids = torch.randint(3, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_cli_refuses_gguf_flags_with_another_format_and_a_family_it_cannot_write(
+    tiny_llama_folder, tmp_path, capsys
+):
+    from omniquant.cli import main
+
+    base = ["quantize", "--model", str(tiny_llama_folder), "--method", "rtn", "--quiet"]
+    args = [*base, "--output", str(tmp_path / "a"), "--gguf-output", "q8_0"]
+    assert main(args) == 2
+    assert "--gguf-output only applies with --format gguf" in capsys.readouterr().err
+    args = [*base, "--output", str(tmp_path / "b"), "--format", "gguf", "--wbits", "3"]
+    assert main(args) == 2
+    assert "--wbits 4 (Q4_1)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_writes_gguf_from_a_quantize_folder(tiny_llama_folder, tmp_path, capsys):
+    from omniquant.cli import main
+
+    fake = tmp_path / "fake"
+    base = ["quantize", "--model", str(tiny_llama_folder), "--method", "rtn", "--quiet"]
+    assert main([*base, "--output", str(fake), "--group-size", "32", "--seqlen", "32"]) == 0
+    out = tmp_path / "g"
+    assert main(["export", str(fake), str(out), "--format", "gguf", "--gguf-output", "q8_0"]) == 0
+    assert "gguf model written" in capsys.readouterr().out
+    record = json.loads((out / "omniquant.json").read_text())["format"]
+    assert record["output"] == "q8_0" and "output.weight" in record["relative_rms_error"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.gguf", "omniquant.json"]
