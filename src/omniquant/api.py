@@ -145,11 +145,13 @@ def check_group_size(widths: dict[str, int], config: OmniQuantConfig) -> None:
             )
 
 
-def check_setting(model: nn.Module, config: OmniQuantConfig, fmt: str) -> None:
+def check_setting(
+    model: nn.Module, config: OmniQuantConfig, fmt: str, gguf: GgufOptions | None = None
+) -> None:
     """Refuse a group size wider than a layer, or what the output format cannot hold."""
     widths = linear_widths(model)
     check_group_size(widths, config)
-    check_format_holds(fmt, config, widths)
+    check_format_holds(fmt, config, widths, gguf)
     check_format_model(fmt, model.config)
 
 
@@ -327,12 +329,12 @@ def quantize(
     model_name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     if not isinstance(model, nn.Module):
         check_float_source(model)
-        check_setting(model_skeleton(model), config, fmt)
+        check_setting(model_skeleton(model), config, fmt, gguf)
         text = load_text(config.calib.calib_dataset)
         model, tokenizer = load_model(model)
         check_loaded_is_float(model, model_name)
     else:
-        check_setting(model, config, fmt)
+        check_setting(model, config, fmt, gguf)
         text = load_text(config.calib.calib_dataset)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: quantize(model, tokenizer=...)")
@@ -473,7 +475,7 @@ def export(
     src = Path(str(model))
     config = record_config(quantized_source(src))
     report = read_run_record(src) or {}
-    check_format_holds(format, config, {})  # bits and activations; widths once loaded
+    check_format_holds(format, config, {}, gguf)  # bits and activations; widths once loaded
     check_format_model(format, load_config(src))
     log.info("loading %s", src)
     loaded, tokenizer = load(src, progress=progress)

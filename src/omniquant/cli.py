@@ -21,7 +21,7 @@ from omniquant.demo import DEMO_DEFAULTS, demo_rows, demo_table, recipe
 from omniquant.errors import ConfigError, OmniQuantError
 from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
 from omniquant.formats import FORMATS
-from omniquant.formats.gguf import FLOAT_TYPES, GgufOptions
+from omniquant.formats.gguf import APPROXIMATE_TYPES, FLOAT_TYPES, GgufOptions
 from omniquant.generate import check_prompt
 from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval
@@ -329,9 +329,17 @@ def _add_gguf_flags(p: argparse.ArgumentParser) -> None:
         "or q8_0 (faster decoding in llama.cpp; its error is reported). With tied embeddings and "
         "the same type as --gguf-embeddings, the head shares the embedding tensor",
     )
+    p.add_argument(
+        "--gguf-approximate",
+        choices=APPROXIMATE_TYPES,
+        default=None,
+        help="with --format gguf: for a setting no GGUF type holds exactly (3 bits, asymmetric "
+        "8 bits, groups not a multiple of 32), re-quantize the fake-quantized weights into this "
+        "type per block of 32 and report the error (default: refuse such a setting)",
+    )
 
 
-GGUF_DEFAULTS = {"gguf_embeddings": "f16", "gguf_output": "f16"}
+GGUF_DEFAULTS = {"gguf_embeddings": "f16", "gguf_output": "f16", "gguf_approximate": None}
 
 
 def gguf_options(a: argparse.Namespace) -> GgufOptions | None:
@@ -339,7 +347,9 @@ def gguf_options(a: argparse.Namespace) -> GgufOptions | None:
     if a.format != "gguf":
         refuse_unused(changed_flags(a, GGUF_DEFAULTS), "only {verb} with --format gguf: drop it")
         return None
-    return GgufOptions(embeddings=a.gguf_embeddings, output=a.gguf_output)
+    return GgufOptions(
+        embeddings=a.gguf_embeddings, output=a.gguf_output, approximate=a.gguf_approximate
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

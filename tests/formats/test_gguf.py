@@ -96,11 +96,12 @@ def _linear(model: torch.nn.Module, name: str) -> torch.nn.Linear:
     return linear
 
 
-def held_by_blocks(weight: torch.Tensor, qp: LinearQParams, symmetric: bool) -> torch.Tensor:
-    """Our grid's weight with d = fp16(h) and m = fp16(-z h): what GGUF blocks hold."""
+def held_by_blocks(weight: torch.Tensor, qp: LinearQParams, signed: bool) -> torch.Tensor:
+    """Our grid's weight as GGUF blocks hold it: d = fp16(h) and m = fp16(-z h) (Q4_1, Q5_1),
+    or the signed codes u - z times d = fp16(h) (`signed`: Q4_0, Q5_0, Q8_0)."""
     codes = weight_codes(weight, qp)
     d16 = qp.scale.half().float()
-    if symmetric:
+    if signed:
         return dequantize(codes, LinearQParams(d16, qp.zero, *_shape(qp)), torch.float32)
     m16 = (-qp.zero.float() * qp.scale).half().float()
     no_zero = LinearQParams(d16, torch.zeros_like(qp.zero), *_shape(qp))
@@ -112,7 +113,7 @@ def _shape(qp: LinearQParams) -> tuple[int, int, int]:
     return qp.bits, qp.group_size, qp.in_features
 
 
-def with_blocks_grid(model: torch.nn.Module, symmetric: bool = False) -> torch.nn.Module:
+def with_blocks_grid(model: torch.nn.Module, signed: bool = False) -> torch.nn.Module:
     """A copy of a quantized model whose linears hold exactly what the GGUF blocks hold."""
     import copy
 
@@ -121,7 +122,7 @@ def with_blocks_grid(model: torch.nn.Module, symmetric: bool = False) -> torch.n
         for module in twin.modules():
             qp = getattr(module, QPARAMS_ATTR, None)
             if qp is not None:
-                module.weight.copy_(held_by_blocks(module.weight, qp, symmetric))
+                module.weight.copy_(held_by_blocks(module.weight, qp, signed))
     return twin
 
 
@@ -134,6 +135,9 @@ def with_blocks_grid(model: torch.nn.Module, symmetric: bool = False) -> torch.n
         (WeightQuant(4, 32, symmetric=True), "Q4_0"),
         (WeightQuant(5, 64, symmetric=True), "Q5_0"),
         (WeightQuant(8, None, symmetric=True), "Q8_0"),
+        (WeightQuant(3, 32), "Q4_1"),  # narrower grids fit wider blocks exactly
+        (WeightQuant(3, 64, symmetric=True), "Q4_0"),
+        (WeightQuant(6, 32), "Q8_0"),  # asymmetric 6 bits: |u - z| <= 63
     ],
 )
 def test_blocks_dequantize_to_our_grid_up_to_the_fp16_rounding_of_d_and_m(tmp_path, weight, kind):
@@ -148,7 +152,7 @@ def test_blocks_dequantize_to_our_grid_up_to_the_fp16_rounding_of_d_and_m(tmp_pa
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
         got = torch.from_numpy(dequantized_linear(path, f"blk.1.{gguf_name}.weight"))
         # the grid with d = fp16(h), m = fp16(-z h): what the blocks can hold
-        want = held_by_blocks(linear.weight, qp, symmetric=not kind.endswith("_1"))
+        want = held_by_blocks(linear.weight, qp, signed=not kind.endswith("_1"))
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
         # and that is the fake-quantized weight up to fp16's relative precision of d and m
         bound = (2**qp.bits) * qp.scale.abs().max() * 2**-10
@@ -226,10 +230,9 @@ def test_permute_qk_is_llama_cpps_adjacent_pair_order():
 @pytest.mark.parametrize(
     "weight,act,match",
     [
-        (WeightQuant(3, 128), ActQuant(), r"--wbits 4 \(Q4_1\)"),
-        (WeightQuant(8, 32), ActQuant(), "add --symmetric"),
-        (WeightQuant(6, 32), ActQuant(), "Q8_0"),
+        (WeightQuant(8, 32), ActQuant(), "add --symmetric, or use --wbits 7"),
         (WeightQuant(4, 48), ActQuant(), "--group-size 32 or 64"),
+        (WeightQuant(8, 128), ActQuant(), "--gguf-approximate"),
         (WeightQuant(4, 128), ActQuant(8, quantize_qkv=False), "--abits 16"),
     ],
 )
@@ -324,9 +327,9 @@ def test_cli_refuses_gguf_flags_with_another_format_and_a_family_it_cannot_write
     args = [*base, "--output", str(tmp_path / "a"), "--gguf-output", "q8_0"]
     assert main(args) == 2
     assert "--gguf-output only applies with --format gguf" in capsys.readouterr().err
-    args = [*base, "--output", str(tmp_path / "b"), "--format", "gguf", "--wbits", "3"]
+    args = [*base, "--output", str(tmp_path / "b"), "--format", "gguf", "--wbits", "8"]
     assert main(args) == 2
-    assert "--wbits 4 (Q4_1)" in capsys.readouterr().err
+    assert "add --symmetric" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -342,3 +345,22 @@ def test_export_writes_gguf_from_a_quantize_folder(tiny_llama_folder, tmp_path, 
     record = json.loads((out / "omniquant.json").read_text())["format"]
     assert record["output"] == "q8_0" and "output.weight" in record["relative_rms_error"]
     assert sorted(p.name for p in out.iterdir()) == ["model.gguf", "omniquant.json"]
+
+
+def test_an_approximate_mapping_is_written_only_on_request_with_its_error(tmp_path):
+    tokenizer = byte_bpe_tokenizer()
+    model = gguf_tiny_model("llama", len(tokenizer))
+    config = rtn(model, WeightQuant(4, 48))  # widths 64 and 96: groups not whole blocks
+    with pytest.raises(ExportError, match="--gguf-approximate"):
+        write_gguf(model, tokenizer, config, tmp_path / GGUF_FILE)
+    assert list(tmp_path.iterdir()) == []
+    options = GgufOptions("f32", "f32", approximate="q4_1")
+    written = write_gguf(model, tokenizer, config, tmp_path / GGUF_FILE, options)
+    assert written["weight_type"] == "Q4_1" and not written["exact"]
+    errors = written["relative_rms_error"]
+    assert 0 < max(errors.values()) < 0.1
+    # the reported error is the one the file carries (v_proj: no row permutation)
+    v = _linear(model, "model.layers.1.self_attn.v_proj").weight
+    got = torch.from_numpy(dequantized_linear(tmp_path / GGUF_FILE, "blk.1.attn_v.weight"))
+    actual = float((got - v).norm() / v.norm())
+    assert actual == pytest.approx(errors["blk.1.attn_v.weight"], rel=1e-3)

@@ -43,16 +43,23 @@ def check_format_name(fmt: str) -> None:
         raise ConfigError(f"format must be auto or one of {', '.join(FORMATS)}; got {fmt!r}")
 
 
-def check_format_holds(fmt: str, config: OmniQuantConfig, widths: dict[str, int]) -> None:
+def check_format_holds(
+    fmt: str,
+    config: OmniQuantConfig,
+    widths: dict[str, int],
+    gguf: GgufOptions | None = None,
+) -> None:
     """Refuse, before any calibration, a setting that `fmt` cannot hold: from the config and the
-    input widths of the linears to quantize (module path -> width) alone."""
+    input widths of the linears to quantize (module path -> width) alone (`gguf`: the GGUF
+    options, which may ask for an approximate mapping)."""
     check_format_name(fmt)
     if fmt == "compressed-tensors":
         check_compressed_tensors_setting(config)
         check_compressed_tensors_widths(widths, config.weight.group_size)
     elif fmt == "gguf":
-        check_gguf_setting(config)
-        check_gguf_widths(widths, config.weight.group_size)
+        check_gguf_setting(config, gguf)
+        approximate = gguf is not None and gguf.approximate is not None
+        check_gguf_widths(widths, config.weight.group_size, approximate)
 
 
 def check_format_model(fmt: str, model_config: Any) -> None:

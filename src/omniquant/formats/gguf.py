@@ -12,24 +12,28 @@ u in [0, 2^b - 1] (`quant.qparams`). GGUF's 32-weight blocks hold it exactly (up
 rounding of the block's scale and offset) whenever every group is a whole number of blocks
 (g and the row width multiples of 32, ragged last groups and per-channel included):
 
-    setting             GGUF type  block of 32 weights (bytes)          weight
-    4-bit asymmetric    Q4_1       d fp16 | m fp16 | 16 x (lo, hi)      d * u + m,  d = h, m = -z h
-    5-bit asymmetric    Q5_1       d | m | qh u32 (5th bits) | 16 x ... d * u + m
-    4-bit symmetric     Q4_0       d | 16 x (lo, hi)                    d * (u - 8)
-    5-bit symmetric     Q5_0       d | qh | 16 x ...                    d * (u - 16)
-    8-bit symmetric     Q8_0       d | 32 x int8 q                      d * q,  q = u - 128
+    setting               GGUF type  block of 32 weights (bytes)        weight
+    2-4-bit asymmetric    Q4_1       d fp16 | m fp16 | 16 x (lo, hi)    d * u + m,  d = h, m = -z h
+    5-bit asymmetric      Q5_1       d | m | qh u32 (5th bits) | 16 x   d * u + m
+    2-4-bit symmetric     Q4_0       d | 16 x (lo, hi)                  d * (c - 8),  c = u - z + 8
+    5-bit symmetric       Q5_0       d | qh | 16 x ...                  d * (c - 16), c = u - z + 16
+    6-7-bit, 8 symmetric  Q8_0       d | 32 x int8 q                    d * q,  q = u - z
 
 4-bit nibbles: byte j of a block holds weight j in its low nibble and weight j + 16 in its high
 nibble; Q5's qh holds bit 4 of weight j at bit j. A group of 128 is four blocks with the same d
-and m. Anything else (2, 3, 6, 7 bits, asymmetric 8 bits, groups that are not whole blocks,
-quantized activations) has no exact GGUF type and is refused before calibration, with the nearest
-setting that fits. Embeddings and the output head are written as f16 (default), f32 or Q8_0
-(re-quantized on request: its error is reported); norms and biases as f32.
+and m. 2- and 3-bit grids fit 4-bit blocks exactly (with unused levels: no smaller than 4-bit),
+and every grid of up to 7 bits fits Q8_0 (|u - z| <= 127). What no type holds exactly
+(asymmetric 8 bits, groups that are not whole blocks, quantized activations) is refused before
+calibration with the nearest setting that fits, unless an approximate mapping is asked for
+(`GgufOptions.approximate`: the weights re-quantized per block, the error reported). Embeddings
+and the output head are written as f16 (default), f32 or Q8_0 (re-quantized on request: its
+error is reported); norms and biases as f32.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,10 +49,17 @@ from omniquant.errors import ConfigError, ExportError
 from omniquant.quant.primitives import effective_group_size
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, expand_groups, weight_codes
 
+log = logging.getLogger(__name__)
+
 GGUF_FILE = "model.gguf"
 BLOCK = 32  # weights per block in every type written here
 FP16_MAX = 65504.0
 FLOAT_TYPES = ("f16", "f32", "q8_0")
+APPROXIMATE_TYPES = ("q4_1", "q5_1", "q8_0")  # re-quantization targets, on request only
+APPROXIMATE_HINT = (
+    "; or ask for an approximate mapping with --gguf-approximate q4_1|q5_1|q8_0 (the fake-"
+    "quantized weights re-quantized per block of 32; its error is reported)"
+)
 
 # Hugging Face model_type -> llama.cpp architecture (Mistral runs as Llama in llama.cpp)
 GGUF_ARCH = {
@@ -61,18 +72,27 @@ GGUF_ARCH = {
 }
 # llama.cpp's "llama" architecture rotates adjacent channel pairs; HF's q/k rows are permuted
 PERMUTED_QK = ("llama",)
-# the weight of each exact setting: (bits, symmetric) -> GGUF type name
-EXACT_TYPES = {(4, False): "Q4_1", (5, False): "Q5_1", (4, True): "Q4_0", (5, True): "Q5_0"}
+# the smallest GGUF type that holds each grid exactly: (bits, symmetric) -> type. Narrower
+# grids fit wider blocks: 2- and 3-bit codes are 4-bit codes that leave levels unused, and every
+# grid of up to 7 bits (signed codes u - z in -127..127) is a Q8_0 block with d = h
+EXACT_TYPES = {(b, False): "Q4_1" for b in (2, 3, 4)} | {(b, True): "Q4_0" for b in (2, 3, 4)}
+EXACT_TYPES |= {(5, False): "Q5_1", (5, True): "Q5_0"}
+EXACT_TYPES |= {(6, False): "Q8_0", (7, False): "Q8_0", (6, True): "Q8_0", (7, True): "Q8_0"}
 EXACT_TYPES[(8, True)] = "Q8_0"
+# where the signed code q = u - z sits in a symmetric type's stored code
+SIGNED_OFFSET = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}
 
 
 @dataclass(frozen=True)
 class GgufOptions:
     """How the tensors that carry no grid are stored: token embeddings and the output head
-    (lm_head), each "f16" (default), "f32" or "q8_0"."""
+    (lm_head), each "f16" (default), "f32" or "q8_0"; and `approximate`: None (default: a grid
+    no GGUF type holds exactly is refused), or the type ("q4_1", "q5_1", "q8_0") to re-quantize
+    such a grid's weights into, block by block, reporting the error."""
 
     embeddings: str = "f16"
     output: str = "f16"
+    approximate: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("embeddings", "output"):
@@ -81,17 +101,14 @@ class GgufOptions:
                     f"GGUF {name} type must be one of {', '.join(FLOAT_TYPES)}, "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.approximate is not None and self.approximate not in APPROXIMATE_TYPES:
+            raise ConfigError(
+                f"--gguf-approximate must be one of {', '.join(APPROXIMATE_TYPES)}, "
+                f"got {self.approximate!r}"
+            )
 
 
 # ---------------------------------------------------------------- what GGUF can hold
-
-
-def _nearest_bits(bits: int) -> str:
-    if bits < 4:
-        return "--wbits 4 (Q4_1)"
-    if bits in (6, 7):
-        return "--wbits 8 --symmetric (Q8_0), or --wbits 5 (Q5_1)"
-    return "--wbits 4 (Q4_1) or 5 (Q5_1)"
 
 
 def gguf_weight_type(spec: WeightQuant) -> str:
@@ -100,15 +117,10 @@ def gguf_weight_type(spec: WeightQuant) -> str:
     key = (spec.bits, spec.symmetric)
     if key in EXACT_TYPES:
         return EXACT_TYPES[key]
-    if spec.bits == 8:
-        raise ExportError(
-            "GGUF holds 8-bit weights only on a symmetric grid (Q8_0: d * q, q in -128..127); "
-            "an asymmetric 8-bit grid has no exact GGUF type: add --symmetric"
-        )
     raise ExportError(
-        f"GGUF has no type that holds a {spec.bits}-bit grid exactly (its k-quants store "
-        f"scales quantized to 6 or 8 bits); use {_nearest_bits(spec.bits)}, or "
-        f"--format omniquant-packed"
+        "GGUF holds 8-bit weights only on a symmetric grid (Q8_0: d * q, q in -128..127; an "
+        "asymmetric 8-bit grid's u - z spans -255..255): add --symmetric, or use --wbits 7 "
+        "(exact in Q8_0)"
     )
 
 
@@ -118,25 +130,53 @@ def _nearest_groups(g: int) -> str:
     return " or ".join(str(x) for x in (low, low + BLOCK) if x >= BLOCK)
 
 
-def check_gguf_setting(config: OmniQuantConfig) -> None:
-    """Refuse, before calibration, a setting that no GGUF type holds exactly."""
+def exact_type(config: OmniQuantConfig) -> str | None:
+    """The GGUF type that holds the weight grid exactly, or None."""
+    g = config.weight.group_size
+    if g and g % BLOCK:
+        return None
+    try:
+        return gguf_weight_type(config.weight)
+    except ExportError:
+        return None
+
+
+def check_gguf_setting(config: OmniQuantConfig, options: GgufOptions | None = None) -> None:
+    """Refuse, before calibration, a setting that no GGUF type holds exactly (unless an
+    approximate mapping was asked for in `options`)."""
+    approximate = options is not None and options.approximate is not None
     if config.act.enabled:
         raise ExportError(
             f"GGUF stores weights only; llama.cpp quantizes activations its own way, so "
             f"{config.label} (activations at {config.act.bits} bits) cannot be written exactly: "
             f"use --abits 16, or --format omniquant-packed"
         )
-    gguf_weight_type(config.weight)
+    if approximate:
+        return
+    try:
+        gguf_weight_type(config.weight)
+    except ExportError as e:
+        raise ExportError(f"{e}{APPROXIMATE_HINT}") from e
+    if config.weight.bits < 4:
+        log.info(
+            "a %d-bit grid is stored exactly in 4-bit GGUF blocks: the file is no smaller than "
+            "at 4 bits",
+            config.weight.bits,
+        )
     g = config.weight.group_size
     if g and g % BLOCK:
         raise ExportError(
             f"GGUF blocks hold {BLOCK} weights with one scale; group size {g} is not a multiple "
             f"of {BLOCK}: use --group-size {_nearest_groups(g)} (or 0 for per-channel)"
+            f"{APPROXIMATE_HINT}"
         )
 
 
-def check_gguf_widths(widths: Mapping[str, int], group_size: int | None) -> None:
-    """Refuse linears whose rows or groups are not whole 32-weight blocks."""
+def check_gguf_widths(
+    widths: Mapping[str, int], group_size: int | None, approximate: bool = False
+) -> None:
+    """Refuse linears whose rows (or, for an exact mapping, groups) are not whole 32-weight
+    blocks."""
     for name, width in widths.items():
         if width % BLOCK:
             raise ExportError(
@@ -144,7 +184,7 @@ def check_gguf_widths(widths: Mapping[str, int], group_size: int | None) -> None
                 f"type holds it; use --format omniquant-packed"
             )
         g = effective_group_size(width, group_size)
-        if g % BLOCK:
+        if g % BLOCK and not approximate:
             raise ExportError(
                 f"{name}: groups of {g} weights are not whole {BLOCK}-weight GGUF blocks; use "
                 f"--group-size {_nearest_groups(g)}"
@@ -238,17 +278,20 @@ def encode_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, kind: 
 
 
 def grid_blocks(codes: torch.Tensor, qp: LinearQParams, kind: str) -> np.ndarray:
-    """The GGUF bytes of a linear from its codes (out, in) and grid: d = h and m = -z h of the
-    group each block belongs to. Symmetric types need the symmetric grid's zero 2^(b-1)."""
+    """The GGUF bytes of a linear from its codes u (out, in) and grid: every block takes d = h
+    of its group; Q4_1/Q5_1 store u with m = -z h, the others the signed code u - z."""
     scale = expand_groups(qp.scale.float(), qp, BLOCK)  # (out, in / 32)
     zero = expand_groups(qp.zero.float(), qp, BLOCK)
     d = scale.numpy().astype(np.float32)
-    m = None
     if kind in ("Q4_1", "Q5_1"):
         m = (-zero * scale).numpy().astype(np.float32)
-    elif bool((zero != 2 ** (qp.bits - 1)).any()):
-        raise ExportError(f"{kind} needs a symmetric grid (zero point {2 ** (qp.bits - 1)})")
-    return encode_blocks(codes.numpy(), d, m, kind)
+        return encode_blocks(codes.numpy(), d, m, kind)
+    z = zero.to(torch.int16).repeat_interleave(BLOCK, dim=1)  # (out, in)
+    q = codes.to(torch.int16) - z + SIGNED_OFFSET[kind]  # the type's unsigned code
+    top = 255 if kind == "Q8_0" else 2 * SIGNED_OFFSET[kind] - 1
+    if bool((q < 0).any() or (q > top).any()):
+        raise ExportError(f"a signed code u - z falls outside {kind}'s range")
+    return encode_blocks(q.numpy(), d, None, kind)
 
 
 def q8_0_blocks(w: torch.Tensor) -> tuple[np.ndarray, float]:
@@ -263,6 +306,23 @@ def q8_0_blocks(w: torch.Tensor) -> tuple[np.ndarray, float]:
     err = float((q * d16[..., None] - x).norm() / x.norm().clamp(min=1e-30))
     codes = (q + 128).to(torch.uint8).reshape(rows, n).numpy()
     return encode_blocks(codes, d.numpy(), None, "Q8_0"), err
+
+
+def approximate_blocks(w: torch.Tensor, kind: str) -> tuple[np.ndarray, float]:
+    """A float matrix (rows, n) re-quantized round-to-nearest into `kind` blocks ("Q4_1" and
+    "Q5_1": min-max per block, "Q8_0": absmax), with the relative RMS error that costs."""
+    if kind == "Q8_0":
+        return q8_0_blocks(w)
+    rows, n = w.shape
+    levels = 15 if kind == "Q4_1" else 31
+    x = w.detach().float().cpu().reshape(rows, n // BLOCK, BLOCK)  # (rows, blocks, 32)
+    lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+    d16 = ((hi - lo) / levels).half().float()
+    m16 = lo.half().float()
+    q = ((x - m16[..., None]) / d16.clamp(min=1e-30)[..., None]).round().clamp(0, levels)
+    err = float((q * d16[..., None] + m16[..., None] - x).norm() / x.norm().clamp(min=1e-30))
+    codes = q.to(torch.uint8).reshape(rows, n).numpy()
+    return encode_blocks(codes, d16.numpy(), m16.numpy(), kind), err
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -498,11 +558,17 @@ def _is_norm(hf_name: str) -> bool:
 
 
 def model_tensors(
-    model: nn.Module, arch: str, options: GgufOptions, kind: str, matrices: str = "f32"
+    model: nn.Module,
+    arch: str,
+    options: GgufOptions,
+    kind: str,
+    matrices: str = "f32",
+    exact: bool = True,
 ) -> tuple[list[TensorOut], dict[str, float]]:
     """Every tensor of the GGUF file (GGUF names), and the relative error of each float tensor
     written lossily (f16 or Q8_0 embeddings and head). Linears with a grid become `kind`
-    blocks; other matrices are written as `matrices` (f32: exact)."""
+    blocks (from the grid when `exact`, else re-quantized from the weights, their error
+    reported); other matrices are written as `matrices` (f32: exact)."""
     hf = model.config
     names = _gguf_names(model, arch)
     tied = bool(getattr(hf, "tie_word_embeddings", False))
@@ -521,8 +587,12 @@ def model_tensors(
         qp = getattr(linear, QPARAMS_ATTR, None) if linear is not None else None
         heads = _qk_heads(hf_name, hf) if arch in PERMUTED_QK else None
         if qp is not None:
-            codes = weight_codes(tensor, qp)  # (out, in) uint8, checks the weight is on the grid
-            data = grid_blocks(codes, qp, kind)
+            if not exact:
+                data, err = approximate_blocks(tensor, kind)
+                errors[name] = err
+            else:
+                codes = weight_codes(tensor, qp)  # (out, in) uint8; checks it is on the grid
+                data = grid_blocks(codes, qp, kind)
             if heads:
                 data = permute_qk(torch.from_numpy(data), heads).numpy()
             out.append(TensorOut(name, data, kind))
@@ -596,17 +666,22 @@ def write_gguf(
     the bytes go to `<path>.partial`, renamed when complete. Returns what was written (types,
     the relative error of lossy float tensors) for the run report."""
     options = options or GgufOptions()
-    check_gguf_setting(config)
+    check_gguf_setting(config, options)
     arch = gguf_architecture(model.config)
-    kind = gguf_weight_type(config.weight)
+    kind = exact_type(config)
+    approximate = kind is None
+    if kind is None:
+        assert options.approximate is not None
+        kind = options.approximate.upper()
     vocab = _vocab_of(model, tokenizer)
-    tensors, errors = model_tensors(model, arch, options, kind)
+    tensors, errors = model_tensors(model, arch, options, kind, exact=not approximate)
     _write_file(path, arch, model, vocab, tensors, _file_type(kind))
     return {
         "name": "gguf",
         "file": path.name,
         "architecture": arch,
         "weight_type": kind,
+        "exact": not approximate,
         "embeddings": options.embeddings,
         "output": options.output,
         "tokenizer_pre": vocab.pre,
@@ -663,8 +738,9 @@ def write_gguf_folder(
 
 def dequantized_linear(path: Path, gguf_name: str) -> np.ndarray:
     """A tensor of a GGUF file dequantized by the `gguf` package (tests and checks)."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
+
+    from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     for t in reader.tensors:
