@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# this script is named like the `gguf` package: keep its folder off the import path, or
+# `import gguf` (in omniquant and transformers) would import this file
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = Path(__file__).parent / "results" / "gguf.jsonl"
 TOOLS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix")
 CAVEAT = (
