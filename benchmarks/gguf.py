@@ -213,6 +213,36 @@ def llama_bench(bins: Path, path: Path, threads: int, repeats: int) -> tuple[flo
     return float(prefill), float(decode)
 
 
+def check_families(bins: Path, work: Path) -> list[dict[str, Any]]:
+    """llama.cpp loads and runs a tiny W4A16g64 GGUF of every family we write (random weights,
+    a tiny byte-level BPE tokenizer): llama-perplexity over a short text must finish and print
+    a perplexity (the metadata, tensor names and shapes are what llama.cpp expects)."""
+    from omniquant.config import WeightQuant
+    from omniquant.formats.gguf import GGUF_FILE, write_gguf
+    from tests.formats.test_gguf import TEXT, byte_bpe_tokenizer, gguf_tiny_model, rtn
+
+    text = work / "tiny.txt"
+    text.write_text(TEXT * 8)
+    rows = []
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"):
+        folder = work / f"tiny-{family}"
+        folder.mkdir(exist_ok=True)
+        tokenizer = byte_bpe_tokenizer()
+        model = gguf_tiny_model(family, len(tokenizer))
+        config = rtn(model, WeightQuant(4, 64))
+        path = folder / GGUF_FILE
+        path.unlink(missing_ok=True)
+        write_gguf(model, tokenizer, config, path)
+        cmd = [str(bins / "llama-perplexity"), "-m", str(path), "-f", str(text), "-c", "64"]
+        out = run([*cmd, "-b", "64", "-t", "1"], work / f"tiny-{family}.log")
+        match = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        rows.append(
+            {"family": family, "llama_perplexity": float(match.group(1)) if match else None}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -286,6 +316,11 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="build jobs (default 2)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and stop")
+    p.add_argument(
+        "--check-families",
+        action="store_true",
+        help="only load and run a tiny GGUF of every family in llama-perplexity, then stop",
+    )
     a = p.parse_args()
     if a.table:
         rows = [json.loads(x) for x in a.results.read_text().splitlines() if x.strip()]
@@ -300,6 +335,9 @@ def main() -> int:
     a.cache.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
     bins = build_tools(a.cache, a.jobs)
+    if a.check_families:
+        check_families(bins, a.work)
+        return 0
     emma = text_file(a.work, "austen:emma")
     calib = text_file(a.work, "austen:prideprejudice")
     source = float_gguf(a.work)
@@ -340,5 +378,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "src"))
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
     raise SystemExit(main())
