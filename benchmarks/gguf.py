@@ -272,19 +272,54 @@ def measure(
     return row
 
 
+def _cell(value: Any, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = "| variant | bits/weight | ppl (austen-v1, transformers) | ppl (llama-perplexity) "
     print(head + "| fake-quant ppl | prefill tok/s | decode tok/s | threads |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        fake = r.get("ppl_fake_quant")
         print(
-            f"| {r['variant']} | {r['bits_per_weight']:.3f} | {r['ppl_transformers']:.4f} | "
-            f"{r['ppl_llama_cpp']:.4f} | {f'{fake:.4f}' if fake else '—'} | "
-            f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['threads']} |"
+            f"| {r['variant']} | {_cell(r.get('bits_per_weight'), '.3f')} | "
+            f"{_cell(r.get('ppl_transformers'), '.4f')} | {_cell(r.get('ppl_llama_cpp'), '.4f')} | "
+            f"{_cell(r.get('ppl_fake_quant'), '.4f')} | {_cell(r.get('prefill_tok_s'), '.1f')} | "
+            f"{_cell(r.get('decode_tok_s'), '.1f')} | {r.get('threads', '—')} |"
         )
     if rows:
-        print(f"\nCPU: {rows[-1]['cpu']}. {CAVEAT}")
+        print(f"\nCPU: {rows[-1].get('cpu')}. {CAVEAT}")
+
+
+def transformers_only(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Without llama.cpp: each --ours folder's GGUF perplexity through transformers against its
+    fake-quantized perplexity (and the float file's), one row each."""
+    import omniquant
+
+    _, tokenizer = omniquant.load(None)
+    rows = []
+    variants = [] if a.no_float else [("float32 (ours, f32)", float_gguf(a.work), None)]
+    for spec in a.ours:
+        label, _, folder = spec.partition("=")
+        for output in a.ours_output.split(","):
+            path, fake = our_gguf(a.work, label, Path(folder), output)
+            variants.append((f"{label} (output {output})", path, fake))
+    for label, path, fake in variants:
+        row = {
+            "variant": label,
+            "file": path.name,
+            "bits_per_weight": round(bits_per_weight(path), 3),
+            "ppl_transformers": round(transformers_perplexity(path, tokenizer), 4),
+            "ppl_fake_quant": None if fake is None else round(fake, 4),
+            "threads": a.threads,
+            "cpu": cpu_name(),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        with a.results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return rows
 
 
 def main() -> int:
@@ -317,6 +352,11 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and stop")
     p.add_argument(
+        "--transformers-only",
+        action="store_true",
+        help="no llama.cpp: the GGUF files' perplexity through transformers (vs fake-quantized)",
+    )
+    p.add_argument(
         "--check-families",
         action="store_true",
         help="only load and run a tiny GGUF of every family in llama-perplexity, then stop",
@@ -334,6 +374,10 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     a.cache.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
+    a.results.parent.mkdir(parents=True, exist_ok=True)
+    if a.transformers_only:
+        print_table(transformers_only(a))
+        return 0
     bins = build_tools(a.cache, a.jobs)
     if a.check_families:
         check_families(bins, a.work)

@@ -668,6 +668,12 @@ def write_gguf(
     options = options or GgufOptions()
     check_gguf_setting(config, options)
     arch = gguf_architecture(model.config)
+    widths = {
+        name: m.in_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and getattr(m, QPARAMS_ATTR, None) is not None
+    }
+    check_gguf_widths(widths, config.weight.group_size, options.approximate is not None)
     kind = exact_type(config)
     approximate = kind is None
     if kind is None:
