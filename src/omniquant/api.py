@@ -36,10 +36,12 @@ from omniquant.errors import ConfigError, ModelError, OutputError
 from omniquant.eval.perplexity import perplexity
 from omniquant.formats import (
     check_format_holds,
+    check_format_model,
     check_format_name,
     resolve_format,
     write_packed_format,
 )
+from omniquant.formats.gguf import GGUF_FILE, GgufOptions, check_gguf_tokenizer
 from omniquant.formats.packed import load_packed, use_kernels
 from omniquant.memory import parameters_on_meta
 from omniquant.model_io import folder_quantization, load_config, load_model, one_line, save_model
@@ -165,11 +167,14 @@ def check_group_size(widths: dict[str, int], config: OmniQuantConfig) -> None:
             )
 
 
-def check_setting(model: nn.Module, config: OmniQuantConfig, fmt: str) -> None:
+def check_setting(
+    model: nn.Module, config: OmniQuantConfig, fmt: str, gguf: GgufOptions | None = None
+) -> None:
     """Refuse a group size wider than a layer, or what the output format cannot hold."""
     widths = linear_widths(model)
     check_group_size(widths, config)
-    check_format_holds(fmt, config, widths)
+    check_format_holds(fmt, config, widths, gguf)
+    check_format_model(fmt, model.config)
 
 
 def model_skeleton(name: str | os.PathLike[str] | None) -> nn.Module:
@@ -378,6 +383,7 @@ def quantize(
     format: str = "fake",
     stream: bool = False,
     max_memory: int | str | None = None,
+    gguf: GgufOptions | None = None,
 ) -> QuantizeResult:
     """Quantize a causal LM with OmniQuant (or RTN) block by block.
 
@@ -386,9 +392,10 @@ def quantize(
     `transformers.AutoModelForCausalLM.from_pretrained` loads, plus `omniquant.json`; while running,
     the work lives in `<output>.partial` and `resume=True` continues it from the next block (or,
     when every block is done, writes the output again). `format`: "fake" (float weights on the
-    grid), "compressed-tensors", "omniquant-packed" or "auto" (see `omniquant.formats`). Every
-    refusal (settings, format, output, model, text, memory) comes before the model's weights are
-    loaded and before anything is written.
+    grid), "compressed-tensors", "omniquant-packed", "gguf" (`gguf`: how it stores embeddings
+    and the head) or "auto" (see `omniquant.formats`). Every refusal (settings, format, output,
+    model, text, memory) comes before the model's weights are loaded and before anything is
+    written.
 
     `stream=True` never loads the whole model: each block is read from the safetensors files
     when it is calibrated and written to the output as soon as it is done (`omniquant.stream`);
@@ -411,7 +418,7 @@ def quantize(
     if not isinstance(model, nn.Module):
         check_float_source(model)
         skeleton = model_skeleton(model)
-        check_setting(skeleton, config, fmt)
+        check_setting(skeleton, config, fmt, gguf)
         plan = memory_plan(skeleton, config, stream, max_memory)
         plan.check(model_name)
         text = load_text(config.calib.calib_dataset)
@@ -429,12 +436,14 @@ def quantize(
             model, tokenizer = load_model(model)
         check_loaded_is_float(model, model_name)
     else:
-        check_setting(model, config, fmt)
+        check_setting(model, config, fmt, gguf)
         plan = memory_plan(model, config, False, max_memory, loaded=True)
         plan.check(model_name)
         text = load_text(config.calib.calib_dataset)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: quantize(model, tokenizer=...)")
+    if fmt == "gguf":
+        check_gguf_tokenizer(tokenizer)
     arch = get_architecture(model)
     blocks = decoder_layers(model, arch)
     let_plan = let_plan_for(model, arch, config)
@@ -491,7 +500,7 @@ def quantize(
         elif out is not None and partial is not None:
             written = resolve_format(fmt, model, config)
             report["format"] = {"name": written}
-            write_output(model, tokenizer, report, partial, out, written, config)
+            write_output(model, tokenizer, report, partial, out, written, config, gguf)
     except BaseException:
         _after_failure(partial, store)
         raise
@@ -621,6 +630,7 @@ def write_output(
     out: Path,
     fmt: str = "fake",
     config: OmniQuantConfig | None = None,
+    gguf: GgufOptions | None = None,
 ) -> None:
     """Write the finished folder (omniquant.json, report.md and plots beside the model) inside
     the partial folder, rename it to the output in one step, and only then delete the partial
@@ -635,7 +645,9 @@ def write_output(
             report["memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the writing included
         (stage / REPORT_FILE).write_text(json.dumps(report, indent=2))
     else:
-        write_packed_format(fmt, model, tokenizer, config or OmniQuantConfig(), report, stage)
+        write_packed_format(
+            fmt, model, tokenizer, config or OmniQuantConfig(), report, stage, gguf=gguf
+        )
     write_run_report(stage, report)
     stage.rename(out)
     shutil.rmtree(partial, ignore_errors=True)
@@ -658,19 +670,24 @@ def export(
     output: str | os.PathLike[str],
     format: str = "auto",
     progress: bool = False,
+    gguf: GgufOptions | None = None,
 ) -> Path:
-    """Write a model folder from `quantize` (fake format) as compressed-tensors or
-    omniquant-packed ('auto': compressed-tensors where it holds the setting). Atomic: the folder
-    appears complete or not at all; what the format cannot hold is refused before loading."""
+    """Write a model folder from `quantize` (fake format) as compressed-tensors,
+    omniquant-packed or gguf ('auto': compressed-tensors where it holds the setting). Atomic: the
+    folder appears complete or not at all; what the format cannot hold is refused before
+    loading."""
     out = Path(output)
     check_format_name(format)
     if format == "fake":
-        raise ConfigError("export writes a packed format: compressed-tensors or omniquant-packed")
+        raise ConfigError(
+            "export writes a packed format: compressed-tensors, omniquant-packed or gguf"
+        )
     check_new_output(out)
     src = Path(str(model))
     config = record_config(quantized_source(src))
     report = read_run_record(src) or {}
-    check_format_holds(format, config, {})  # bits and activations; widths once loaded
+    check_format_holds(format, config, {}, gguf)  # bits and activations; widths once loaded
+    check_format_model(format, load_config(src))
     log.info("loading %s", src)
     loaded, tokenizer = load(src, progress=progress)
     fmt = resolve_format(format, loaded, config)
@@ -686,6 +703,7 @@ def export(
             {**report, "format": {"name": fmt}},
             partial,
             progress=progress,
+            gguf=gguf,
         )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -805,6 +823,8 @@ def load(
     fmt = record_format(record) if record is not None else None
     if kernels:
         check_kernels_source(path, fmt)
+    if folder is not None and fmt == "gguf":
+        return load_gguf_folder(folder, device)
     if folder is not None and config is not None and fmt == "omniquant-packed":
         model, tokenizer, _ = load_packed(
             folder,
@@ -828,6 +848,16 @@ def load(
     return model, tokenizer
 
 
+def load_gguf_folder(folder: Path, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a gguf folder through transformers' own GGUF loader, which
+    dequantizes every block to float32 with the `gguf` package."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    return model.eval().to(device), tokenizer
+
+
 def check_kernels_source(path: str | os.PathLike[str] | None, fmt: str | None) -> None:
     """Refuse kernels=True, before loading, for a model that omniquant did not quantize or a
     compressed-tensors export (which runs through vLLM's or transformers' own kernels)."""
@@ -841,4 +871,9 @@ def check_kernels_source(path: str | os.PathLike[str] | None, fmt: str | None) -
             f"{path} is a compressed-tensors export, which runs through vLLM's or transformers' "
             f"own kernels: drop --kernels, or export quantize's output with --format "
             f"omniquant-packed for ours"
+        )
+    if fmt == "gguf":
+        raise ModelError(
+            f"{path} is a GGUF export, which runs in llama.cpp; drop --kernels (it is then read "
+            f"through transformers' GGUF loader), or export with --format omniquant-packed"
         )

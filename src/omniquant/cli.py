@@ -22,6 +22,7 @@ from omniquant.demo import DEMO_DEFAULTS, demo_rows, demo_table, recipe
 from omniquant.errors import ConfigError, OmniQuantError
 from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
 from omniquant.formats import FORMATS
+from omniquant.formats.gguf import APPROXIMATE_TYPES, FLOAT_TYPES, GgufOptions
 from omniquant.generate import check_prompt
 from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval
@@ -318,6 +319,8 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
 PACKED_HELP = (
     "compressed-tensors = packed integers that vLLM serves (2/4/8-bit weights with groups "
     "dividing every width, or W8A8); omniquant-packed = our packed layout for every setting; "
+    "gguf = one file llama.cpp runs (4/5-bit weights, or 8-bit symmetric, with groups of a "
+    "multiple of 32 or per-channel; 16-bit activations), in <output>/model.gguf; "
     "auto = compressed-tensors where it holds the setting, else omniquant-packed"
 )
 FORMAT_HELP = (
@@ -325,6 +328,45 @@ FORMAT_HELP = (
     f"(default); {PACKED_HELP}"
 )
 EXPORT_FORMAT_HELP = f"packed format to write: {PACKED_HELP} (default auto)"
+
+
+def _add_gguf_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gguf-embeddings",
+        choices=FLOAT_TYPES,
+        default="f16",
+        help="with --format gguf: how the token embeddings are stored: f16 (default), f32, or "
+        "q8_0 (re-quantized to 8 bits in blocks of 32; its error is reported)",
+    )
+    p.add_argument(
+        "--gguf-output",
+        choices=FLOAT_TYPES,
+        default="f16",
+        help="with --format gguf: how the output head (lm_head) is stored: f16 (default), f32, "
+        "or q8_0 (faster decoding in llama.cpp; its error is reported). With tied embeddings and "
+        "the same type as --gguf-embeddings, the head shares the embedding tensor",
+    )
+    p.add_argument(
+        "--gguf-approximate",
+        choices=APPROXIMATE_TYPES,
+        default=None,
+        help="with --format gguf: for a setting no GGUF type holds exactly (3 bits, asymmetric "
+        "8 bits, groups not a multiple of 32), re-quantize the fake-quantized weights into this "
+        "type per block of 32 and report the error (default: refuse such a setting)",
+    )
+
+
+GGUF_DEFAULTS = {"gguf_embeddings": "f16", "gguf_output": "f16", "gguf_approximate": None}
+
+
+def gguf_options(a: argparse.Namespace) -> GgufOptions | None:
+    """The GGUF storage options, refused with another format."""
+    if a.format != "gguf":
+        refuse_unused(changed_flags(a, GGUF_DEFAULTS), "only {verb} with --format gguf: drop it")
+        return None
+    return GgufOptions(
+        embeddings=a.gguf_embeddings, output=a.gguf_output, approximate=a.gguf_approximate
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "activations beyond it spill to files in <output>.partial, and a budget too small "
         "for one block is refused before loading",
     )
+    _add_gguf_flags(q)
     q.add_argument("--eval", action="store_true", help="print the perplexity of the result")
     _add_eval_data(q)
     _add_runtime(q)
@@ -407,14 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a quantized model folder in a packed format",
         description="Write a folder from `omniquant quantize` as compressed-tensors (vLLM, "
-        "transformers with the compressed-tensors package) or omniquant-packed (every setting; "
-        "omniquant.load). What a format cannot hold is refused with the reason.",
+        "transformers with the compressed-tensors package), omniquant-packed (every setting; "
+        "omniquant.load) or gguf (llama.cpp). What a format cannot hold is refused with the "
+        "reason.",
     )
     x.add_argument("input", type=Path, help="a folder written by `omniquant quantize`")
     x.add_argument("output", type=Path, help="folder to write (must not exist)")
     x.add_argument(
         "--format", choices=[*FORMATS[1:], "auto"], default="auto", help=EXPORT_FORMAT_HELP
     )
+    _add_gguf_flags(x)
     _add_threads_quiet(x)
 
     g = sub.add_parser(
@@ -556,6 +601,7 @@ def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> api.Perple
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     check_quant_flags(a)
+    gguf = gguf_options(a)
     if a.eval:
         check_eval_flags(a)
     else:
@@ -574,6 +620,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         format=a.format,
         stream=a.stream,
         max_memory=a.max_memory,
+        gguf=gguf,
     )
     r = result.report
     print(
@@ -687,7 +734,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    out = api.export(a.input, a.output, a.format, progress=not a.quiet)
+    out = api.export(a.input, a.output, a.format, progress=not a.quiet, gguf=gguf_options(a))
     fmt = json.loads((out / api.REPORT_FILE).read_text())["format"]["name"]
     print(f"{fmt} model written to {out}")
     return 0

@@ -14,7 +14,7 @@ from omniquant.config import OmniQuantConfig
 from omniquant.errors import ConfigError, ModelError
 
 RUN_FILE = "omniquant.json"
-FORMAT_NAMES = ("fake", "compressed-tensors", "omniquant-packed")
+FORMAT_NAMES = ("fake", "compressed-tensors", "omniquant-packed", "gguf")
 
 
 def record_problem(record: Any) -> str | None:
@@ -63,5 +63,5 @@ def record_setting(record: dict[str, Any]) -> str:
 
 
 def record_format(record: dict[str, Any]) -> str:
-    """The folder's format: fake, compressed-tensors or omniquant-packed."""
+    """The folder's format: fake, compressed-tensors, omniquant-packed or gguf."""
     return str(record.get("format", {}).get("name", "fake"))

@@ -1,0 +1,770 @@
+"""GGUF export: one file that llama.cpp (and everything built on it) runs.
+
+What is written, for a model of a family llama.cpp and transformers' GGUF loader both read
+(Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3; `GGUF_ARCH`):
+
+    <folder>/model.gguf      weights, architecture metadata, tokenizer, chat template
+    <folder>/omniquant.json  the run's report, `"format": {"name": "gguf", ...}`
+
+Every quantized linear is written from its learned grid, never re-quantized. Our grid stores, per
+row and group of g input channels, a scale h and an unsigned zero point z:  w = (u - z) * h,
+u in [0, 2^b - 1] (`quant.qparams`). GGUF's 32-weight blocks hold it exactly (up to the fp16
+rounding of the block's scale and offset) whenever every group is a whole number of blocks
+(g and the row width multiples of 32, ragged last groups and per-channel included):
+
+    setting               GGUF type  block of 32 weights (bytes)        weight
+    2-4-bit asymmetric    Q4_1       d fp16 | m fp16 | 16 x (lo, hi)    d * u + m,  d = h, m = -z h
+    5-bit asymmetric      Q5_1       d | m | qh u32 (5th bits) | 16 x   d * u + m
+    2-4-bit symmetric     Q4_0       d | 16 x (lo, hi)                  d * (c - 8),  c = u - z + 8
+    5-bit symmetric       Q5_0       d | qh | 16 x ...                  d * (c - 16), c = u - z + 16
+    6-7-bit, 8 symmetric  Q8_0       d | 32 x int8 q                    d * q,  q = u - z
+
+4-bit nibbles: byte j of a block holds weight j in its low nibble and weight j + 16 in its high
+nibble; Q5's qh holds bit 4 of weight j at bit j. A group of 128 is four blocks with the same d
+and m. 2- and 3-bit grids fit 4-bit blocks exactly (with unused levels: no smaller than 4-bit),
+and every grid of up to 7 bits fits Q8_0 (|u - z| <= 127). What no type holds exactly
+(asymmetric 8 bits, groups that are not whole blocks, quantized activations) is refused before
+calibration with the nearest setting that fits, unless an approximate mapping is asked for
+(`GgufOptions.approximate`: the weights re-quantized per block, the error reported). Embeddings
+and the output head are written as f16 (default), f32 or Q8_0 (re-quantized on request: its
+error is reported); norms and biases as f32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from omniquant.config import OmniQuantConfig, WeightQuant
+from omniquant.errors import ConfigError, ExportError
+from omniquant.quant.primitives import effective_group_size
+from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, expand_groups, weight_codes
+
+log = logging.getLogger(__name__)
+
+GGUF_FILE = "model.gguf"
+BLOCK = 32  # weights per block in every type written here
+FP16_MAX = 65504.0
+FLOAT_TYPES = ("f16", "f32", "q8_0")
+APPROXIMATE_TYPES = ("q4_1", "q5_1", "q8_0")  # re-quantization targets, on request only
+APPROXIMATE_HINT = (
+    "; or ask for an approximate mapping with --gguf-approximate q4_1|q5_1|q8_0 (the fake-"
+    "quantized weights re-quantized per block of 32; its error is reported)"
+)
+
+# Hugging Face model_type -> llama.cpp architecture (Mistral runs as Llama in llama.cpp)
+GGUF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma3_text": "gemma3",
+}
+# llama.cpp's "llama" architecture rotates adjacent channel pairs; HF's q/k rows are permuted
+PERMUTED_QK = ("llama",)
+# the smallest GGUF type that holds each grid exactly: (bits, symmetric) -> type. Narrower
+# grids fit wider blocks: 2- and 3-bit codes are 4-bit codes that leave levels unused, and every
+# grid of up to 7 bits (signed codes u - z in -127..127) is a Q8_0 block with d = h
+EXACT_TYPES = {(b, False): "Q4_1" for b in (2, 3, 4)} | {(b, True): "Q4_0" for b in (2, 3, 4)}
+EXACT_TYPES |= {(5, False): "Q5_1", (5, True): "Q5_0"}
+EXACT_TYPES |= {(6, False): "Q8_0", (7, False): "Q8_0", (6, True): "Q8_0", (7, True): "Q8_0"}
+EXACT_TYPES[(8, True)] = "Q8_0"
+# where the signed code q = u - z sits in a symmetric type's stored code
+SIGNED_OFFSET = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}
+
+
+@dataclass(frozen=True)
+class GgufOptions:
+    """How the tensors that carry no grid are stored: token embeddings and the output head
+    (lm_head), each "f16" (default), "f32" or "q8_0"; and `approximate`: None (default: a grid
+    no GGUF type holds exactly is refused), or the type ("q4_1", "q5_1", "q8_0") to re-quantize
+    such a grid's weights into, block by block, reporting the error."""
+
+    embeddings: str = "f16"
+    output: str = "f16"
+    approximate: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("embeddings", "output"):
+            if getattr(self, name) not in FLOAT_TYPES:
+                raise ConfigError(
+                    f"GGUF {name} type must be one of {', '.join(FLOAT_TYPES)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.approximate is not None and self.approximate not in APPROXIMATE_TYPES:
+            raise ConfigError(
+                f"--gguf-approximate must be one of {', '.join(APPROXIMATE_TYPES)}, "
+                f"got {self.approximate!r}"
+            )
+
+
+# ---------------------------------------------------------------- what GGUF can hold
+
+
+def gguf_weight_type(spec: WeightQuant) -> str:
+    """The GGUF type that holds this weight grid exactly, or an ExportError naming the nearest
+    setting that fits."""
+    key = (spec.bits, spec.symmetric)
+    if key in EXACT_TYPES:
+        return EXACT_TYPES[key]
+    raise ExportError(
+        "GGUF holds 8-bit weights only on a symmetric grid (Q8_0: d * q, q in -128..127; an "
+        "asymmetric 8-bit grid's u - z spans -255..255): add --symmetric, or use --wbits 7 "
+        "(exact in Q8_0)"
+    )
+
+
+def _nearest_groups(g: int) -> str:
+    """The multiples of 32 either side of a group size."""
+    low = g // BLOCK * BLOCK
+    return " or ".join(str(x) for x in (low, low + BLOCK) if x >= BLOCK)
+
+
+def exact_type(config: OmniQuantConfig) -> str | None:
+    """The GGUF type that holds the weight grid exactly, or None."""
+    g = config.weight.group_size
+    if g and g % BLOCK:
+        return None
+    try:
+        return gguf_weight_type(config.weight)
+    except ExportError:
+        return None
+
+
+def check_gguf_setting(config: OmniQuantConfig, options: GgufOptions | None = None) -> None:
+    """Refuse, before calibration, a setting that no GGUF type holds exactly (unless an
+    approximate mapping was asked for in `options`)."""
+    approximate = options is not None and options.approximate is not None
+    if config.act.enabled:
+        raise ExportError(
+            f"GGUF stores weights only; llama.cpp quantizes activations its own way, so "
+            f"{config.label} (activations at {config.act.bits} bits) cannot be written exactly: "
+            f"use --abits 16, or --format omniquant-packed"
+        )
+    if approximate:
+        return
+    try:
+        gguf_weight_type(config.weight)
+    except ExportError as e:
+        raise ExportError(f"{e}{APPROXIMATE_HINT}") from e
+    if config.weight.bits < 4:
+        log.info(
+            "a %d-bit grid is stored exactly in 4-bit GGUF blocks: the file is no smaller than "
+            "at 4 bits",
+            config.weight.bits,
+        )
+    g = config.weight.group_size
+    if g and g % BLOCK:
+        raise ExportError(
+            f"GGUF blocks hold {BLOCK} weights with one scale; group size {g} is not a multiple "
+            f"of {BLOCK}: use --group-size {_nearest_groups(g)} (or 0 for per-channel)"
+            f"{APPROXIMATE_HINT}"
+        )
+
+
+def check_gguf_widths(
+    widths: Mapping[str, int], group_size: int | None, approximate: bool = False
+) -> None:
+    """Refuse linears whose rows (or, for an exact mapping, groups) are not whole 32-weight
+    blocks."""
+    for name, width in widths.items():
+        if width % BLOCK:
+            raise ExportError(
+                f"{name} has rows of {width} weights, not a multiple of {BLOCK}: no GGUF block "
+                f"type holds it; use --format omniquant-packed"
+            )
+        g = effective_group_size(width, group_size)
+        if g % BLOCK and not approximate:
+            raise ExportError(
+                f"{name}: groups of {g} weights are not whole {BLOCK}-weight GGUF blocks; use "
+                f"--group-size {_nearest_groups(g)}"
+            )
+
+
+def _rope_parameters(hf: Any) -> dict[str, dict[str, Any]]:
+    """RoPE settings by layer type ('default' when the model has one kind of layer)."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return dict(params)
+    if not params:
+        params = {"rope_theta": getattr(hf, "rope_theta", 10000.0)}
+        scaling = getattr(hf, "rope_scaling", None)
+        if scaling:
+            params = {**params, **scaling}
+    return {"default": dict(params)}
+
+
+def gguf_architecture(hf: Any) -> str:
+    """llama.cpp's architecture name for a transformers config, or an ExportError saying why
+    the model cannot be written as GGUF (before any weight is loaded)."""
+    model_type = getattr(hf, "model_type", None)
+    arch = GGUF_ARCH.get(model_type or "")
+    if arch is None:
+        families = ", ".join(sorted(GGUF_ARCH))
+        raise ExportError(
+            f"GGUF export covers the families both llama.cpp and transformers' GGUF loader read "
+            f"({families}); {model_type!r} is not one of them: use --format omniquant-packed"
+        )
+    for layer, rope in _rope_parameters(hf).items():
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ExportError(
+                f"GGUF export writes plain RoPE; this model's {layer} layers use {kind!r} RoPE "
+                f"scaling, which it does not write yet: use --format omniquant-packed"
+            )
+    if model_type == "qwen2" and getattr(hf, "use_sliding_window", False):
+        raise ExportError("llama.cpp's qwen2 has no sliding-window attention; use another format")
+    if model_type == "gemma3_text":
+        head_dim = hf.head_dim
+        if getattr(hf, "query_pre_attn_scalar", head_dim) != head_dim:
+            raise ExportError(
+                f"llama.cpp scales Gemma 3 attention by 1/sqrt(head_dim); this model's "
+                f"query_pre_attn_scalar {hf.query_pre_attn_scalar} differs from head_dim "
+                f"{head_dim}: use --format omniquant-packed"
+            )
+        if getattr(hf, "attn_logit_softcapping", None):
+            raise ExportError("llama.cpp's gemma3 has no attention logit soft-capping")
+    return arch
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def _fp16_bytes(x: np.ndarray, what: str) -> np.ndarray:
+    """float32 (...) -> uint8 (..., 2): fp16 little-endian, refusing values fp16 cannot hold."""
+    if not np.all(np.isfinite(x)) or np.abs(x).max(initial=0.0) > FP16_MAX:
+        raise ExportError(f"a block {what} exceeds fp16's range ({FP16_MAX}); GGUF cannot hold it")
+    return x.astype("<f2").view(np.uint8).reshape(*x.shape, 2)
+
+
+def _nibbles(c: np.ndarray) -> np.ndarray:
+    """(..., 32) codes -> (..., 16) bytes: low nibble weight j, high nibble weight j + 16."""
+    return ((c[..., :16] & 0xF) | ((c[..., 16:] & 0xF) << 4)).astype(np.uint8)
+
+
+def _fifth_bits(c: np.ndarray) -> np.ndarray:
+    """(..., 32) 5-bit codes -> (..., 4) bytes: bit 4 of weight j at bit j of a u32."""
+    bits = ((c.astype(np.uint32) >> 4) & 1) << np.arange(BLOCK, dtype=np.uint32)
+    qh = bits.sum(axis=-1, dtype=np.uint32)
+    return qh.astype("<u4").view(np.uint8).reshape(*c.shape[:-1], 4)
+
+
+def encode_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, kind: str) -> np.ndarray:
+    """Unsigned codes (rows, n) and per-block d (and m) (rows, n / 32) -> the GGUF bytes of one
+    tensor, (rows, n / 32 * block bytes) uint8. `kind` is one of `EXACT_TYPES`' values."""
+    rows, n = codes.shape
+    c = codes.astype(np.uint8).reshape(rows, n // BLOCK, BLOCK)  # (rows, blocks, 32)
+    parts = [_fp16_bytes(d, "scale")]
+    if kind in ("Q4_1", "Q5_1"):
+        assert m is not None
+        parts.append(_fp16_bytes(m, "offset"))
+    if kind in ("Q5_0", "Q5_1"):
+        parts.append(_fifth_bits(c))
+    if kind == "Q8_0":
+        parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        parts.append(_nibbles(c))
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def grid_blocks(codes: torch.Tensor, qp: LinearQParams, kind: str) -> np.ndarray:
+    """The GGUF bytes of a linear from its codes u (out, in) and grid: every block takes d = h
+    of its group; Q4_1/Q5_1 store u with m = -z h, the others the signed code u - z."""
+    scale = expand_groups(qp.scale.float(), qp, BLOCK)  # (out, in / 32)
+    zero = expand_groups(qp.zero.float(), qp, BLOCK)
+    d = scale.numpy().astype(np.float32)
+    if kind in ("Q4_1", "Q5_1"):
+        m = (-zero * scale).numpy().astype(np.float32)
+        return encode_blocks(codes.numpy(), d, m, kind)
+    z = zero.to(torch.int16).repeat_interleave(BLOCK, dim=1)  # (out, in)
+    q = codes.to(torch.int16) - z + SIGNED_OFFSET[kind]  # the type's unsigned code
+    top = 255 if kind == "Q8_0" else 2 * SIGNED_OFFSET[kind] - 1
+    if bool((q < 0).any() or (q > top).any()):
+        raise ExportError(f"a signed code u - z falls outside {kind}'s range")
+    return encode_blocks(q.numpy(), d, None, kind)
+
+
+def q8_0_blocks(w: torch.Tensor) -> tuple[np.ndarray, float]:
+    """A float matrix (rows, n) round-to-nearest into Q8_0 blocks (d = absmax / 127), with the
+    relative RMS error that costs (an approximation: for embeddings and the head only)."""
+    rows, n = w.shape
+    x = w.detach().float().cpu().reshape(rows, n // BLOCK, BLOCK)  # (rows, blocks, 32)
+    d = x.abs().amax(dim=-1) / 127.0
+    d16 = d.half().float()
+    q = torch.where(d16[..., None] > 0, x / d16.clamp(min=1e-30)[..., None], 0.0)
+    q = q.round().clamp(-127, 127)
+    err = float((q * d16[..., None] - x).norm() / x.norm().clamp(min=1e-30))
+    codes = (q + 128).to(torch.uint8).reshape(rows, n).numpy()
+    return encode_blocks(codes, d.numpy(), None, "Q8_0"), err
+
+
+def approximate_blocks(w: torch.Tensor, kind: str) -> tuple[np.ndarray, float]:
+    """A float matrix (rows, n) re-quantized round-to-nearest into `kind` blocks ("Q4_1" and
+    "Q5_1": min-max per block, "Q8_0": absmax), with the relative RMS error that costs."""
+    if kind == "Q8_0":
+        return q8_0_blocks(w)
+    rows, n = w.shape
+    levels = 15 if kind == "Q4_1" else 31
+    x = w.detach().float().cpu().reshape(rows, n // BLOCK, BLOCK)  # (rows, blocks, 32)
+    lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+    d16 = ((hi - lo) / levels).half().float()
+    m16 = lo.half().float()
+    q = ((x - m16[..., None]) / d16.clamp(min=1e-30)[..., None]).round().clamp(0, levels)
+    err = float((q * d16[..., None] + m16[..., None] - x).norm() / x.norm().clamp(min=1e-30))
+    codes = q.to(torch.uint8).reshape(rows, n).numpy()
+    return encode_blocks(codes, d16.numpy(), m16.numpy(), kind), err
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What llama.cpp's tokenizer reads."""
+
+    model: str  # "gpt2": byte-level BPE
+    pre: str  # llama.cpp's pre-tokenizer name
+    tokens: list[str]
+    types: list[int]  # 1 normal, 3 control, 4 user-defined, 5 unused
+    merges: list[str]
+    special: dict[str, int]  # bos, eos, unk, pad -> id
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+
+
+# the split regex of known byte-level BPE tokenizers (tokenizer.json) -> llama.cpp's name
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLIT_PRE = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+
+
+def pre_tokenizer_name(pre: dict[str, Any] | None) -> str | None:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer (tokenizer.json's
+    `pre_tokenizer`), or None when it is not one llama.cpp reproduces."""
+    if pre is None:
+        return None
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm" if steps[1].get("use_regex", True) else None
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = steps[0].get("pattern", {})
+        return SPLIT_PRE.get(pattern.get("Regex", ""))
+    return None
+
+
+def _merge_strings(merges: list[Any]) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def tokenizer_vocab(tokenizer: Any, n_vocab: int, model_config: Any = None) -> Vocab:
+    """The GGUF vocabulary of a byte-level BPE fast tokenizer, padded with unused tokens up to
+    the embedding's `n_vocab` rows; special ids the tokenizer lacks come from the model's
+    config (a padding id, say)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast (tokenizers) tokenizer")
+    spec = json.loads(backend.to_str())
+    model = spec["model"]
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
+        raise ExportError(
+            "GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM "
+            f"style); this one ({model.get('type')}, pre-tokenizer "
+            f"{(spec.get('pre_tokenizer') or {}).get('type')}) is not one llama.cpp reproduces"
+        )
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    types = {i: 1 for i in by_id}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = 3 if added.get("special") else 4
+    if by_id and max(by_id) >= n_vocab:
+        raise ExportError(f"the tokenizer has ids up to {max(by_id)}, the model {n_vocab} rows")
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    token_types = [types.get(i, 5) for i in range(n_vocab)]
+    special: dict[str, int] = {}
+    for key in ("bos", "eos", "unk", "pad"):
+        value = getattr(tokenizer, f"{key}_token_id", None)
+        if value is None:
+            value = getattr(model_config, f"{key}_token_id", None)
+        if isinstance(value, int) and 0 <= value < n_vocab:
+            special[key] = value
+    probe = tokenizer("a")["input_ids"]
+    add_bos = "bos" in special and probe[:1] == [special["bos"]]
+    add_eos = "eos" in special and probe[-1:] == [special["eos"]]
+    template = getattr(tokenizer, "chat_template", None)
+    return Vocab(
+        "gpt2",
+        pre,
+        tokens,
+        token_types,
+        _merge_strings(model.get("merges", [])),
+        special,
+        add_bos,
+        add_eos,
+        template if isinstance(template, str) else None,
+    )
+
+
+def check_gguf_tokenizer(tokenizer: Any) -> None:
+    """Refuse a tokenizer GGUF export cannot write (before calibration)."""
+    tokenizer_vocab(tokenizer, 1 + max(tokenizer.get_vocab().values()))
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _head_dim(hf: Any) -> int:
+    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+
+def add_metadata(writer: Any, hf: Any, arch: str, name: str, file_type: int) -> None:
+    """Architecture, attention, RoPE and norm parameters, as llama.cpp's loader reads them."""
+    import gguf
+
+    head_dim = _head_dim(hf)
+    rope = _rope_parameters(hf)
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(hf.max_position_embeddings)
+    writer.add_embedding_length(hf.hidden_size)
+    writer.add_block_count(hf.num_hidden_layers)
+    writer.add_feed_forward_length(hf.intermediate_size)
+    writer.add_head_count(hf.num_attention_heads)
+    writer.add_head_count_kv(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(hf.rms_norm_eps)
+    writer.add_vocab_size(hf.vocab_size)
+    full = rope.get("full_attention", rope.get("default", {}))
+    writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if arch == "phi3":
+        partial = float(full.get("partial_rotary_factor", 1.0))
+        writer.add_rope_dimension_count(int(partial * hf.hidden_size) // hf.num_attention_heads)
+        original = full.get("original_max_position_embeddings") or getattr(
+            hf, "original_max_position_embeddings", hf.max_position_embeddings
+        )
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_sliding_window(getattr(hf, "sliding_window", None) or 0)
+    if arch == "gemma3":
+        layer_types = list(getattr(hf, "layer_types", None) or [])
+        if "sliding_attention" in layer_types and hf.sliding_window:
+            writer.add_sliding_window(hf.sliding_window)
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+            local = rope.get("sliding_attention", full)
+            writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+        if getattr(hf, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(hf.final_logit_softcapping)
+
+
+def add_vocab(writer: Any, vocab: Vocab) -> None:
+    """The tokenizer: tokens, types, merges, special ids, BOS/EOS policy, chat template."""
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    adders = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
+        "pad": writer.add_pad_token_id,
+    }
+    for key, token_id in vocab.special.items():
+        adders[key](token_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q or k projection (out, ...) reordered from HF's rotate-half RoPE layout to
+    llama.cpp's adjacent-pair layout: per head, rows (0..d/2, d/2..d) interleave."""
+    rows = t.shape[0]
+    heads = t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:])  # (H, 2, d/2, ...)
+    return heads.transpose(1, 2).reshape(t.shape)
+
+
+def _qk_heads(hf_name: str, hf: Any) -> int | None:
+    """Heads to permute by, for the q/k projections (weights and biases) of Llama-arch models."""
+    if ".q_proj." in hf_name:
+        return hf.num_attention_heads
+    if ".k_proj." in hf_name:
+        return getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    return None
+
+
+@dataclass
+class TensorOut:
+    """One tensor to write: float data (f32/f16) or raw block bytes with their type."""
+
+    name: str
+    data: np.ndarray
+    raw_type: str | None = None  # GGMLQuantizationType name for block bytes
+
+
+def float_tensor(name: str, w: torch.Tensor, kind: str) -> tuple[TensorOut, float]:
+    """A float tensor as f32, f16 or Q8_0, with its relative RMS error (0 for f32)."""
+    w = w.detach().float().cpu()
+    if kind == "f32" or w.dim() == 1:
+        return TensorOut(name, w.numpy()), 0.0
+    if kind == "q8_0":
+        if w.shape[-1] % BLOCK:
+            raise ExportError(f"{name}: rows of {w.shape[-1]} cannot be Q8_0 blocks; use f16")
+        data, err = q8_0_blocks(w)
+        return TensorOut(name, data, "Q8_0"), err
+    if float(w.abs().max()) > FP16_MAX:
+        raise ExportError(f"{name} exceeds fp16's range; write it as f32")
+    half = w.half()
+    err = float((half.float() - w).norm() / w.norm().clamp(min=1e-30))
+    return TensorOut(name, half.numpy()), err
+
+
+def _gguf_names(model: nn.Module, arch: str) -> Any:
+    import gguf
+
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    return gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
+
+
+def _is_norm(hf_name: str) -> bool:
+    return hf_name.endswith("norm.weight")
+
+
+def model_tensors(
+    model: nn.Module,
+    arch: str,
+    options: GgufOptions,
+    kind: str,
+    matrices: str = "f32",
+    exact: bool = True,
+) -> tuple[list[TensorOut], dict[str, float]]:
+    """Every tensor of the GGUF file (GGUF names), and the relative error of each float tensor
+    written lossily (f16 or Q8_0 embeddings and head). Linears with a grid become `kind`
+    blocks (from the grid when `exact`, else re-quantized from the weights, their error
+    reported); other matrices are written as `matrices` (f32: exact)."""
+    hf = model.config
+    names = _gguf_names(model, arch)
+    tied = bool(getattr(hf, "tie_word_embeddings", False))
+    state = model.state_dict()
+    out: list[TensorOut] = []
+    errors: dict[str, float] = {}
+    for hf_name, tensor in state.items():
+        base, _, suffix = hf_name.rpartition(".")
+        if hf_name == "lm_head.weight" and tied and options.output == options.embeddings:
+            continue  # llama.cpp uses token_embd when there is no output tensor
+        gguf_base = names.get_name(base)
+        if gguf_base is None:
+            raise ExportError(f"no GGUF tensor name for {hf_name} in llama.cpp's {arch}")
+        name = f"{gguf_base}.{suffix}"
+        linear = model.get_submodule(base) if suffix == "weight" else None
+        qp = getattr(linear, QPARAMS_ATTR, None) if linear is not None else None
+        heads = _qk_heads(hf_name, hf) if arch in PERMUTED_QK else None
+        if qp is not None:
+            if not exact:
+                data, err = approximate_blocks(tensor, kind)
+                errors[name] = err
+            else:
+                codes = weight_codes(tensor, qp)  # (out, in) uint8; checks it is on the grid
+                data = grid_blocks(codes, qp, kind)
+            if heads:
+                data = permute_qk(torch.from_numpy(data), heads).numpy()
+            out.append(TensorOut(name, data, kind))
+            continue
+        t = tensor.detach().float()
+        if arch == "gemma3" and _is_norm(hf_name):
+            t = t + 1.0  # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp by weight
+        if heads:
+            t = permute_qk(t, heads)
+        float_kind = "f32"
+        if gguf_base == "token_embd":
+            float_kind = options.embeddings
+        elif gguf_base == "output":
+            float_kind = options.output
+        elif t.dim() > 1:
+            float_kind = matrices
+        written, err = float_tensor(name, t, float_kind)
+        if err:
+            errors[name] = err
+        out.append(written)
+    return out, errors
+
+
+def _file_type(kind: str) -> int:
+    import gguf
+
+    return int(getattr(gguf.LlamaFileType, f"MOSTLY_{kind}"))
+
+
+def _write_file(
+    path: Path, arch: str, model: nn.Module, vocab: Vocab, tensors: list[TensorOut], ftype: int
+) -> None:
+    """The GGUF bytes, written to `<path>.partial` and renamed to `path` when complete."""
+    import gguf
+
+    name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), arch)
+    try:
+        add_metadata(writer, model.config, arch, name, ftype)
+        add_vocab(writer, vocab)
+        for t in tensors:
+            raw = gguf.GGMLQuantizationType[t.raw_type] if t.raw_type else None
+            writer.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _vocab_of(model: nn.Module, tokenizer: Any) -> Vocab:
+    if tokenizer is None:
+        raise ExportError("GGUF export needs the tokenizer (it is part of the file)")
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    return tokenizer_vocab(tokenizer, n_vocab, model.config)
+
+
+def write_gguf(
+    model: nn.Module,
+    tokenizer: Any,
+    config: OmniQuantConfig,
+    path: Path,
+    options: GgufOptions | None = None,
+) -> dict[str, Any]:
+    """Write `model` (its linears carrying their grids) as one GGUF file at `path`, atomically:
+    the bytes go to `<path>.partial`, renamed when complete. Returns what was written (types,
+    the relative error of lossy float tensors) for the run report."""
+    options = options or GgufOptions()
+    check_gguf_setting(config, options)
+    arch = gguf_architecture(model.config)
+    widths = {
+        name: m.in_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and getattr(m, QPARAMS_ATTR, None) is not None
+    }
+    check_gguf_widths(widths, config.weight.group_size, options.approximate is not None)
+    kind = exact_type(config)
+    approximate = kind is None
+    if kind is None:
+        assert options.approximate is not None
+        kind = options.approximate.upper()
+    vocab = _vocab_of(model, tokenizer)
+    tensors, errors = model_tensors(model, arch, options, kind, exact=not approximate)
+    _write_file(path, arch, model, vocab, tensors, _file_type(kind))
+    return {
+        "name": "gguf",
+        "file": path.name,
+        "architecture": arch,
+        "weight_type": kind,
+        "exact": not approximate,
+        "embeddings": options.embeddings,
+        "output": options.output,
+        "tokenizer_pre": vocab.pre,
+        "relative_rms_error": errors,
+        "bits_per_weight": bits_per_weight(tensors),
+    }
+
+
+def write_float_gguf(model: nn.Module, tokenizer: Any, path: Path, dtype: str = "f32") -> None:
+    """A float model (no grids) as a GGUF file of f32 or f16 matrices: what llama.cpp's own
+    quantizer (llama-quantize) starts from."""
+    import gguf
+
+    if dtype not in ("f32", "f16"):
+        raise ConfigError(f"a float GGUF is f32 or f16, not {dtype!r}")
+    arch = gguf_architecture(model.config)
+    vocab = _vocab_of(model, tokenizer)
+    tensors, _ = model_tensors(model, arch, GgufOptions(dtype, dtype), "", matrices=dtype)
+    ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    _write_file(path, arch, model, vocab, tensors, int(ftype))
+
+
+def bits_per_weight(tensors: list[TensorOut]) -> float:
+    """Stored bits per weight over every tensor written."""
+    import gguf
+
+    bits = 0.0
+    weights = 0
+    for t in tensors:
+        if t.raw_type is None:
+            n = t.data.size
+            bits += n * t.data.itemsize * 8
+        else:
+            block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.raw_type]]
+            n = t.data.size // nbytes * block
+            bits += t.data.size * 8
+        weights += n
+    return bits / max(weights, 1)
+
+
+def write_gguf_folder(
+    model: nn.Module,
+    tokenizer: Any,
+    config: OmniQuantConfig,
+    report: dict[str, Any],
+    folder: Path,
+    options: GgufOptions | None = None,
+) -> None:
+    """A folder with `model.gguf` and `omniquant.json` (the caller renames it into place)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = write_gguf(model, tokenizer, config, folder / GGUF_FILE, options)
+    (folder / "omniquant.json").write_text(json.dumps({**report, "format": written}, indent=2))
+
+
+def dequantized_linear(path: Path, gguf_name: str) -> np.ndarray:
+    """A tensor of a GGUF file dequantized by the `gguf` package (tests and checks)."""
+    from gguf.quants import dequantize
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    for t in reader.tensors:
+        if t.name == gguf_name:
+            return dequantize(t.data, t.tensor_type)
+    raise KeyError(gguf_name)
+
+
+__all__ = [
+    "GGUF_ARCH",
+    "GGUF_FILE",
+    "GgufOptions",
+    "check_gguf_setting",
+    "check_gguf_tokenizer",
+    "check_gguf_widths",
+    "gguf_architecture",
+    "gguf_weight_type",
+    "write_float_gguf",
+    "write_gguf",
+    "write_gguf_folder",
+]

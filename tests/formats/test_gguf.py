@@ -1,0 +1,366 @@
+"""GGUF export: exact blocks from the learned grids, refusals, and a client we did not write
+(transformers' GGUF loader, which dequantizes with the `gguf` package) giving our logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.errors import ConfigError, ExportError
+from omniquant.formats.gguf import (
+    GGUF_FILE,
+    GgufOptions,
+    check_gguf_setting,
+    check_gguf_widths,
+    dequantized_linear,
+    gguf_architecture,
+    permute_qk,
+    pre_tokenizer_name,
+    write_gguf,
+)
+from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
+from tests.conftest import tiny_config
+
+pytest.importorskip("gguf")
+GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+TEXT = "the quick brown fox jumps over the lazy dog. " * 8 + "0123456789 Hello, world!"
+
+
+def byte_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny byte-level BPE (GPT-2 style): 256 bytes, 3 specials, a few merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>"
+    )
+
+
+def gguf_tiny_model(family: str, vocab: int, seed: int = 0) -> torch.nn.Module:
+    """A 2-block model whose settings GGUF carries (fields GGUF does not carry left at the
+    defaults transformers' GGUF loader assumes), with non-trivial norms and biases."""
+    cfg = tiny_config(family)
+    cfg.vocab_size = vocab
+    if family == "qwen3":
+        cfg.head_dim = 128  # transformers reads no head_dim for qwen3: its default
+    if family == "gemma3":
+        cfg.head_dim = cfg.query_pre_attn_scalar = 256
+        cfg.sliding_window = 64  # longer than the test windows
+        # transformers' loader reads no layer pattern (llama.cpp reads ours): its default, every
+        # 6th layer global, makes both blocks of a 2-block model sliding
+        cfg.layer_types = ["sliding_attention", "sliding_attention"]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith(".bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def rtn(model: torch.nn.Module, weight: WeightQuant) -> OmniQuantConfig:
+    """Round-to-nearest every block linear in place, leaving its grid on it."""
+    from omniquant.api import runtime_for
+    from omniquant.calibrate import calibrate_blocks
+    from omniquant.capture import capture_block_inputs
+    from omniquant.models import decoder_layers, get_architecture
+
+    blocks = decoder_layers(model, get_architecture(model))
+    ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator())
+    captured = capture_block_inputs(model, blocks, list(ids.split(1)), "cpu")
+    config = OmniQuantConfig(weight, calib=CalibConfig(method="rtn"))
+    calibrate_blocks(blocks, captured, weight, config.calib, runtime_for("cpu", progress=False))
+    return config
+
+
+def _linear(model: torch.nn.Module, name: str) -> torch.nn.Linear:
+    linear = model.get_submodule(name)
+    assert isinstance(linear, torch.nn.Linear)
+    return linear
+
+
+def held_by_blocks(weight: torch.Tensor, qp: LinearQParams, signed: bool) -> torch.Tensor:
+    """Our grid's weight as GGUF blocks hold it: d = fp16(h) and m = fp16(-z h) (Q4_1, Q5_1),
+    or the signed codes u - z times d = fp16(h) (`signed`: Q4_0, Q5_0, Q8_0)."""
+    codes = weight_codes(weight, qp)
+    d16 = qp.scale.half().float()
+    if signed:
+        return dequantize(codes, LinearQParams(d16, qp.zero, *_shape(qp)), torch.float32)
+    m16 = (-qp.zero.float() * qp.scale).half().float()
+    no_zero = LinearQParams(d16, torch.zeros_like(qp.zero), *_shape(qp))
+    m_row = torch.repeat_interleave(m16, qp.group_size, dim=1)[:, : qp.in_features]
+    return dequantize(codes, no_zero, torch.float32) + m_row
+
+
+def _shape(qp: LinearQParams) -> tuple[int, int, int]:
+    return qp.bits, qp.group_size, qp.in_features
+
+
+def with_blocks_grid(model: torch.nn.Module, signed: bool = False) -> torch.nn.Module:
+    """A copy of a quantized model whose linears hold exactly what the GGUF blocks hold."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in twin.modules():
+            qp = getattr(module, QPARAMS_ATTR, None)
+            if qp is not None:
+                module.weight.copy_(held_by_blocks(module.weight, qp, signed))
+    return twin
+
+
+@pytest.mark.parametrize(
+    "weight,kind",
+    [
+        (WeightQuant(4, 64), "Q4_1"),  # widths 64 and 96: 96 = 64 + a ragged group of 32
+        (WeightQuant(4, None), "Q4_1"),  # per-channel: one d and m for every block of a row
+        (WeightQuant(5, 32), "Q5_1"),
+        (WeightQuant(4, 32, symmetric=True), "Q4_0"),
+        (WeightQuant(5, 64, symmetric=True), "Q5_0"),
+        (WeightQuant(8, None, symmetric=True), "Q8_0"),
+        (WeightQuant(3, 32), "Q4_1"),  # narrower grids fit wider blocks exactly
+        (WeightQuant(3, 64, symmetric=True), "Q4_0"),
+        (WeightQuant(6, 32), "Q8_0"),  # asymmetric 6 bits: |u - z| <= 63
+    ],
+)
+def test_blocks_dequantize_to_our_grid_up_to_the_fp16_rounding_of_d_and_m(tmp_path, weight, kind):
+    tokenizer = byte_bpe_tokenizer()
+    model = gguf_tiny_model("qwen2", len(tokenizer))
+    config = rtn(model, weight)
+    path = tmp_path / GGUF_FILE
+    written = write_gguf(model, tokenizer, config, path)
+    assert written["weight_type"] == kind
+    for hf_name, gguf_name in [("mlp.down_proj", "ffn_down"), ("self_attn.q_proj", "attn_q")]:
+        linear = _linear(model, f"model.layers.1.{hf_name}")
+        qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
+        got = torch.from_numpy(dequantized_linear(path, f"blk.1.{gguf_name}.weight"))
+        # the grid with d = fp16(h), m = fp16(-z h): what the blocks can hold
+        want = held_by_blocks(linear.weight, qp, signed=not kind.endswith("_1"))
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+        # and that is the fake-quantized weight up to fp16's relative precision of d and m
+        bound = (2**qp.bits) * qp.scale.abs().max() * 2**-10
+        assert (got - linear.weight).abs().max() <= bound
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_transformers_loads_the_gguf_with_our_logits(tmp_path, family):
+    tokenizer = byte_bpe_tokenizer()
+    model = gguf_tiny_model(family, len(tokenizer))
+    config = rtn(model, WeightQuant(4, 64))
+    write_gguf(model, tokenizer, config, tmp_path / GGUF_FILE, GgufOptions("f32", "f32"))
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=GGUF_FILE, dtype=torch.float32
+    ).eval()
+    ids = torch.randint(3, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        exact = with_blocks_grid(model)(ids).logits
+        got = loaded(ids).logits
+    # what the blocks hold, reproduced by transformers and the gguf package: float32 rounding
+    assert (got - exact).abs().max() <= 1e-4 * exact.abs().max()
+    # and our fake-quantized model's logits within the fp16 rounding of d and m (these random
+    # tiny models have weights near 1, so m = -z h is large and its rounding shows)
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+def test_f16_embeddings_and_a_q8_0_head_stay_close_and_report_their_error(tmp_path):
+    tokenizer = byte_bpe_tokenizer()
+    model = gguf_tiny_model("llama", len(tokenizer))
+    config = rtn(model, WeightQuant(4, 32))
+    written = write_gguf(model, tokenizer, config, tmp_path / GGUF_FILE, GgufOptions("f16", "q8_0"))
+    errors = written["relative_rms_error"]
+    assert set(errors) == {"token_embd.weight", "output.weight"}
+    assert errors["output.weight"] < 1e-2 and errors["token_embd.weight"] < 1e-3
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=GGUF_FILE).eval()
+    ids = torch.randint(3, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = loaded(ids).logits
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_the_file_carries_the_tokenizer_and_llama_rows_are_permuted(tmp_path):
+    from gguf import GGUFReader
+
+    tokenizer = byte_bpe_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = gguf_tiny_model("llama", len(tokenizer))
+    config = rtn(model, WeightQuant(4, 32))
+    write_gguf(model, tokenizer, config, tmp_path / GGUF_FILE)
+    fields = GGUFReader(str(tmp_path / GGUF_FILE)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[: len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
+    assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+    assert fields["llama.rope.dimension_count"].contents() == 16
+    assert len(fields["tokenizer.ggml.merges"].contents()) > 0
+    q = _linear(model, "model.layers.0.self_attn.q_proj").weight
+    got = torch.from_numpy(dequantized_linear(tmp_path / GGUF_FILE, "blk.0.attn_q.weight"))
+    assert torch.allclose(got, permute_qk(q, 4), atol=1e-2 * float(q.abs().max()))
+    from transformers import AutoTokenizer
+
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=GGUF_FILE)
+    assert back(TEXT[:60])["input_ids"][-10:] == tokenizer(TEXT[:60])["input_ids"][-10:]
+
+
+def test_permute_qk_is_llama_cpps_adjacent_pair_order():
+    rows = torch.arange(8).float().unsqueeze(1)  # one head of 8: pairs (0, 4), (1, 5), ...
+    assert permute_qk(rows, 1).squeeze(1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+@pytest.mark.parametrize(
+    "weight,act,match",
+    [
+        (WeightQuant(8, 32), ActQuant(), "add --symmetric, or use --wbits 7"),
+        (WeightQuant(4, 48), ActQuant(), "--group-size 32 or 64"),
+        (WeightQuant(8, 128), ActQuant(), "--gguf-approximate"),
+        (WeightQuant(4, 128), ActQuant(8, quantize_qkv=False), "--abits 16"),
+    ],
+)
+def test_settings_no_gguf_type_holds_are_refused_with_the_nearest_that_fits(weight, act, match):
+    with pytest.raises(ExportError, match=match):
+        check_gguf_setting(OmniQuantConfig(weight, act))
+
+
+def test_rows_that_are_not_whole_blocks_are_refused():
+    check_gguf_widths({"a": 576, "b": 1536}, 128)  # SmolLM2: 576 = 4 x 128 + 64, ragged: fits
+    with pytest.raises(ExportError, match="not a multiple of 32"):
+        check_gguf_widths({"a": 80}, None)
+
+
+def test_families_llama_cpp_or_transformers_cannot_read_are_refused():
+    with pytest.raises(ExportError, match="omniquant-packed"):
+        gguf_architecture(tiny_config("opt"))
+    cfg = tiny_config("llama")
+    cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    with pytest.raises(ExportError, match="llama3"):
+        gguf_architecture(cfg)
+    assert gguf_architecture(tiny_config("mistral")) == "llama"
+
+
+def test_pre_tokenizer_names():
+    byte_level = {"type": "ByteLevel", "use_regex": True}
+    assert pre_tokenizer_name(byte_level) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == (
+        "smollm"
+    )
+    assert pre_tokenizer_name({"type": "Whitespace"}) is None
+
+
+def test_gguf_options_are_validated():
+    with pytest.raises(ConfigError, match="q8_0"):
+        GgufOptions(embeddings="q4_0")
+
+
+def test_quantize_refuses_before_loading_and_writes_atomically(tiny_llama_folder, tmp_path):
+    import omniquant
+
+    fast = CalibConfig(epochs=1, nsamples=2, seqlen=32)
+    with pytest.raises(ExportError, match="--group-size 32 or 64"):
+        omniquant.quantize(
+            tiny_llama_folder,
+            OmniQuantConfig(WeightQuant(4, 40), calib=fast),
+            output=tmp_path / "bad",
+            format="gguf",
+            progress=False,
+        )
+    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "q"
+    result = omniquant.quantize(
+        tiny_llama_folder,
+        OmniQuantConfig(WeightQuant(4, 32), calib=fast),
+        output=out,
+        format="gguf",
+        progress=False,
+        gguf=GgufOptions(output="f32", embeddings="f32"),
+    )
+    record = json.loads((out / "omniquant.json").read_text())
+    assert record["format"]["name"] == "gguf" and record["format"]["weight_type"] == "Q4_1"
+    assert not list(Path(out).glob("*.partial"))
+    loaded, tokenizer = omniquant.load(out)
+    ids = torch.randint(3, 1000, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = result.model(ids).logits
+        got = loaded(ids).logits
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()
+    assert np.array_equal(tokenizer("Emma")["input_ids"], result.tokenizer("Emma")["input_ids"])
+
+
+def test_a_float_model_written_as_f32_gguf_loads_back_exactly(tmp_path):
+    from omniquant.formats.gguf import write_float_gguf
+
+    tokenizer = byte_bpe_tokenizer()
+    model = gguf_tiny_model("qwen2", len(tokenizer))
+    write_float_gguf(model, tokenizer, tmp_path / GGUF_FILE, "f32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=GGUF_FILE).eval()
+    ids = torch.randint(3, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_cli_refuses_gguf_flags_with_another_format_and_a_family_it_cannot_write(
+    tiny_llama_folder, tmp_path, capsys
+):
+    from omniquant.cli import main
+
+    base = ["quantize", "--model", str(tiny_llama_folder), "--method", "rtn", "--quiet"]
+    args = [*base, "--output", str(tmp_path / "a"), "--gguf-output", "q8_0"]
+    assert main(args) == 2
+    assert "--gguf-output only applies with --format gguf" in capsys.readouterr().err
+    args = [*base, "--output", str(tmp_path / "b"), "--format", "gguf", "--wbits", "8"]
+    assert main(args) == 2
+    assert "add --symmetric" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_writes_gguf_from_a_quantize_folder(tiny_llama_folder, tmp_path, capsys):
+    from omniquant.cli import main
+
+    fake = tmp_path / "fake"
+    base = ["quantize", "--model", str(tiny_llama_folder), "--method", "rtn", "--quiet"]
+    assert main([*base, "--output", str(fake), "--group-size", "32", "--seqlen", "32"]) == 0
+    out = tmp_path / "g"
+    assert main(["export", str(fake), str(out), "--format", "gguf", "--gguf-output", "q8_0"]) == 0
+    assert "gguf model written" in capsys.readouterr().out
+    record = json.loads((out / "omniquant.json").read_text())["format"]
+    assert record["output"] == "q8_0" and "output.weight" in record["relative_rms_error"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.gguf", "omniquant.json"]
+
+
+def test_an_approximate_mapping_is_written_only_on_request_with_its_error(tmp_path):
+    tokenizer = byte_bpe_tokenizer()
+    model = gguf_tiny_model("llama", len(tokenizer))
+    config = rtn(model, WeightQuant(4, 48))  # widths 64 and 96: groups not whole blocks
+    with pytest.raises(ExportError, match="--gguf-approximate"):
+        write_gguf(model, tokenizer, config, tmp_path / GGUF_FILE)
+    assert list(tmp_path.iterdir()) == []
+    options = GgufOptions("f32", "f32", approximate="q4_1")
+    written = write_gguf(model, tokenizer, config, tmp_path / GGUF_FILE, options)
+    assert written["weight_type"] == "Q4_1" and not written["exact"]
+    errors = written["relative_rms_error"]
+    assert 0 < max(errors.values()) < 0.1
+    # the reported error is the one the file carries (v_proj: no row permutation)
+    v = _linear(model, "model.layers.1.self_attn.v_proj").weight
+    got = torch.from_numpy(dequantized_linear(tmp_path / GGUF_FILE, "blk.1.attn_v.weight"))
+    actual = float((got - v).norm() / v.norm())
+    assert actual == pytest.approx(errors["blk.1.attn_v.weight"], rel=1e-3)
