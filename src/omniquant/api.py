@@ -687,7 +687,10 @@ def export(
     config = record_config(quantized_source(src))
     report = read_run_record(src) or {}
     check_format_holds(format, config, {}, gguf)  # bits and activations; widths once loaded
-    check_format_model(format, load_config(src))
+    if format == "gguf":  # the family, from config.json alone (the source may be packed)
+        from transformers import AutoConfig
+
+        check_format_model(format, AutoConfig.from_pretrained(src))
     log.info("loading %s", src)
     loaded, tokenizer = load(src, progress=progress)
     fmt = resolve_format(format, loaded, config)
