@@ -88,3 +88,9 @@ python3 benchmarks/symmetric_grid.py --threads 2 --settings W4A16,W3A16g128
 # On one CUDA device (H100/H200), float32: the recipe table on both texts and the pure OmniQuant
 # W8A8/W6A6/W4A4 rows at the reference budget, 10 rows at a time (benchmarks/results/gpu_h200.jsonl)
 bash benchmarks/gpu_quality.sh /tmp/gpu-quality 10 3000
+
+# --weight-bound against domain drift (AMD EPYC, 1 thread each, two at a time): W4A16g128 at 4x the
+# recipe's weight lr, unbounded and bounded at 0.5 steps (benchmarks/results/bound.jsonl)
+Y="$B --results benchmarks/results/bound.jsonl --threads 1 --settings W4A16g128 --methods omniquant --weight-lr 0.06 --nsamples 16 --epochs 2"
+$Y
+$Y --set weight_bound=0.5
