@@ -144,3 +144,21 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Pa
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def interrupt_after_first_block(monkeypatch):
+    """Make `omniquant.api.quantize` raise KeyboardInterrupt once block 0 is saved (a killed
+    run); returns the real `calibrate_blocks`, to put back."""
+    from omniquant import api
+
+    real = api.calibrate_blocks
+
+    def interrupted(*args, **kwargs):
+        def stop(report):
+            if report.index == 0:
+                raise KeyboardInterrupt
+
+        return real(*args, **kwargs, on_block=stop)
+
+    monkeypatch.setattr(api, "calibrate_blocks", interrupted)
+    return real

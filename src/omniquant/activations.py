@@ -183,27 +183,29 @@ class StoreView:
 # ---------------------------------------------------------------- what the process used
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size (Linux: VmHWM; elsewhere getrusage)."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """A "key: N kB" field of a /proc file, in bytes (None where the file or field is missing)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (Linux: VmHWM; elsewhere getrusage)."""
+    hwm = _proc_kib("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if os.uname().sysname == "Darwin" else rss * 1024
 
 
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def peak_device_bytes(device: torch.device) -> int | None:
