@@ -240,7 +240,22 @@ def gib(n: float | None) -> str:
 # quantizer's per-weight temporaries and what autograd keeps: about 4 blocks, measured (peak RSS
 # 4.26 GiB minus ~0.6 GiB for the process, on a 0.81 GiB block of Llama-3.1-8B's shape)
 WORK_FACTOR_TRAIN = 4
+# with --recompute: the weights and one linear's temporaries at a time (quant/recompute.py)
+WORK_FACTOR_RECOMPUTE = 2
 WORK_FACTOR_RTN = 2  # no training: the weights and one quantized copy at a time
+# weight training adds, per weight: the offset Δ, its gradient, AdamW's two moments, and the
+# guard's two copies (the last good and the best parameters)
+WORK_FACTOR_OFFSETS = 6
+
+
+def work_factor(trains: bool, recompute: bool, trains_weights: bool) -> int:
+    """A calibrated block's working set in float32 blocks (see the constants above)."""
+    if not trains:
+        return WORK_FACTOR_RTN
+    factor = WORK_FACTOR_RECOMPUTE if recompute else WORK_FACTOR_TRAIN
+    return factor + (WORK_FACTOR_OFFSETS if trains_weights else 0)
+
+
 BASE_BYTES = 1 * GiB  # the interpreter, torch, transformers, the tokenizer and the text
 
 

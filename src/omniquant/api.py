@@ -19,14 +19,13 @@ from torch import nn
 from omniquant import __version__
 from omniquant.activations import (
     STORE_DTYPES,
-    WORK_FACTOR_RTN,
-    WORK_FACTOR_TRAIN,
     MemoryBudget,
     MemoryPlan,
     default_max_memory,
     parse_bytes,
     peak_device_bytes,
     peak_rss_bytes,
+    work_factor,
 )
 from omniquant.calibrate import BlockReport, LoopMemory, Runtime, StateStore, calibrate_blocks
 from omniquant.capture import CapturedInputs, capture_block_inputs
@@ -342,7 +341,7 @@ def memory_plan(
     c = config.calib
     hidden = model.config.get_text_config().hidden_size
     n_windows = c.nsamples + c.val_windows
-    factor = WORK_FACTOR_TRAIN if c.trains else WORK_FACTOR_RTN
+    factor = work_factor(c.trains, c.recompute, c.trains and c.weight_lr > 0)
     return MemoryPlan(
         max_memory=default_max_memory() if max_memory is None else int(max_memory),
         stream=stream,

@@ -42,6 +42,7 @@ from omniquant.models.architecture import Architecture, block_linears
 from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import QPARAMS_ATTR, from_affine
+from omniquant.quant.recompute import recompute_weights
 from omniquant.quant.weight_training import ADAM_EPS, StepOffset
 from omniquant.transforms.let import ChannelStats, LetParams, LetPlan, attach_let, stats_hooks
 
@@ -303,12 +304,13 @@ def run_block_over(
     second copy of the chain); with `targets`, returns each batch's loss of the stored output
     against its target."""
     losses = []
-    for j in range(len(store)):
-        x = store[j]
-        out = run_block(block, x.to(runtime.device, torch.float32), extra, runtime)
-        store[j] = out.to("cpu", x.dtype)
-        if targets is not None:
-            losses.append(block_loss(store[j], targets[j], weighting).item())
+    with parametrize.cached():  # quantized weights computed once for every batch
+        for j in range(len(store)):
+            x = store[j]
+            out = run_block(block, x.to(runtime.device, torch.float32), extra, runtime)
+            store[j] = out.to("cpu", x.dtype)
+            if targets is not None:
+                losses.append(block_loss(store[j], targets[j], weighting).item())
     return losses
 
 
@@ -329,9 +331,10 @@ def mean_loss_of(
 ) -> float:
     """`mean_loss` of the block's outputs on `inputs`, without keeping the outputs."""
     total = 0.0
-    for x, t in zip(inputs, targets, strict=True):
-        out = run_block(block, x.to(runtime.device, torch.float32), extra, runtime)
-        total += block_loss(out.to("cpu", x.dtype), t, weighting).item()
+    with parametrize.cached():
+        for x, t in zip(inputs, targets, strict=True):
+            out = run_block(block, x.to(runtime.device, torch.float32), extra, runtime)
+            total += block_loss(out.to("cpu", x.dtype), t, weighting).item()
     return total / len(inputs)
 
 
@@ -379,7 +382,8 @@ def _loss(
 def objective(block: nn.Module, data: BlockData, cfg: CalibConfig, runtime: Runtime) -> float:
     """The training objective averaged over every batch of `data` (forward passes only)."""
     n = len(data.inputs_q)
-    return sum(_loss(block, j, data, cfg, runtime).item() for j in range(n)) / n
+    with parametrize.cached():  # quantized weights computed once for every batch
+        return sum(_loss(block, j, data, cfg, runtime).item() for j in range(n)) / n
 
 
 def epoch_order(n: int, shuffle: bool, gen: torch.Generator) -> list[int]:
@@ -729,9 +733,11 @@ def _train_and_report(
     train, validation = data.split(val_batches)
     before = mean_loss_of(block, train.inputs_q, train.targets, train.extra, runtime, cfg.loss)
     t0 = time.perf_counter()
-    epoch_losses, state, guard = train_block(
-        block, bq, train, cfg, runtime, cfg.seed + index, validation
-    )
+    shared = [] if bq.let is None else list(bq.let.parameters())
+    with recompute_weights(block_linears(block), shared, cfg.recompute):
+        epoch_losses, state, guard = train_block(
+            block, bq, train, cfg, runtime, cfg.seed + index, validation
+        )
     train_seconds = time.perf_counter() - t0
     report = BlockReport(
         index,

@@ -308,6 +308,15 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         f"their memory; default {d.activation_dtype})",
     )
     p.add_argument(
+        "--recompute",
+        action=argparse.BooleanOptionalAction,
+        default=d.recompute,
+        help="recompute each linear's quantized weight in the backward pass instead of keeping "
+        "it: the block trains in about half the memory (one block of weights plus one "
+        "linear's temporaries, where autograd keeps about four blocks) for one more "
+        f"quantizer pass per linear and step (default {'on' if d.recompute else 'off'})",
+    )
+    p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
@@ -546,6 +555,7 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             val_samples=a.val_samples,
             patience=a.patience,
             activation_dtype=a.activation_dtype,
+            recompute=a.recompute,
         ),
         quantize_lm_head=a.quantize_lm_head,
     )

@@ -145,6 +145,19 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = False)
     return dequantize_codes(quantize_codes(xg, p, bits, symmetric), p).reshape(shape)
 
 
+_CHUNK = 1 << 22  # elements per slice of `_group_dot`'s temporary (16 MiB of float32)
+
+
+def _group_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a * b).sum(-1, keepdim=True) over grouped tensors (out, n_groups, g), a slice of rows at a
+    time: the product's temporary stays small instead of the size of the weight."""
+    rows = max(1, _CHUNK // max(1, a[0].numel()))
+    parts = [
+        (a[i : i + rows] * b[i : i + rows]).sum(-1, keepdim=True) for i in range(0, len(a), rows)
+    ]
+    return torch.cat(parts)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Fused `dequantize_codes(quantize_codes(...))` with the same STE gradients, for speed.
 
@@ -164,23 +177,24 @@ class _FakeQuantSTE(torch.autograd.Function):
         qmax: int,
     ) -> torch.Tensor:
         t = wg / scale
+        if not any(ctx.needs_input_grad[:3]):  # no gradient wanted: one buffer, in place
+            return t.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
         rounded = t.round()
-        codes = rounded + zero
+        dscale = t.neg_().add_(rounded)  # round(w/h) - w/h, in t's memory
+        codes = rounded.add_(zero)
         clipped = (codes < qmin) | (codes > qmax)
         qz = codes.clamp_(qmin, qmax).sub_(zero)  # q - z
-        dscale = torch.where(clipped, qz, rounded.sub_(t))
+        torch.where(clipped, qz, dscale, out=dscale)
         ctx.save_for_backward(dscale, clipped, scale)
-        return qz * scale
+        return qz.mul_(scale)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[None, torch.Tensor | None, torch.Tensor | None, None, None]:
         dscale, clipped, scale = ctx.saved_tensors
-        g_scale = (grad * dscale).sum(dim=-1, keepdim=True) if ctx.needs_input_grad[1] else None
-        g_zero = None
-        if ctx.needs_input_grad[2]:
-            g_zero = -scale * (grad * clipped).sum(dim=-1, keepdim=True)
+        g_scale = _group_dot(grad, dscale) if ctx.needs_input_grad[1] else None
+        g_zero = -scale * _group_dot(grad, clipped) if ctx.needs_input_grad[2] else None
         g_w = grad.masked_fill(clipped, 0.0) if ctx.needs_input_grad[0] else None
         return g_w, g_scale, g_zero, None, None
 
