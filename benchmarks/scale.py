@@ -41,6 +41,17 @@ SHAPE_70B = {  # Llama-3.1-70B's shape (its config.json's sizes)
 }
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (every time is quoted with it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def skeleton_of(config: dict) -> torch.nn.Module:
     """The model of a config dict on the meta device (nothing allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -152,7 +163,9 @@ def main() -> int:
         "layers": n_layers,
         "source_bytes": disk,
         "device": a.device,
+        "cpu": cpu_name(),
         "threads": a.threads,
+        "recompute": report["config"]["calib"].get("recompute"),
         "windows": f"{a.nsamples} x {a.seqlen} (+{report['val_windows']} held out)",
         "epochs": a.epochs,
         "wall_seconds": round(seconds, 1),

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import omniquant.calibrate as calibrate_mod
 from omniquant.calibrate import (
     BlockData,
     Runtime,
@@ -11,6 +12,7 @@ from omniquant.calibrate import (
     block_loss,
     calibrate_blocks,
     epoch_order,
+    flush_denormals,
     train_block,
 )
 from omniquant.capture import BlockArgs, capture_block_inputs
@@ -342,3 +344,31 @@ def test_absolute_weight_lr_unit_moves_weights_in_weight_units():
         step.delta.fill_(0.5)
     assert torch.allclose(absolute(w) - w, torch.full_like(w, 0.5))
     assert ((step(w * 100) - w * 100).abs() > 5).all()
+
+
+# ---------------------------------------------------------------- subnormal floats
+
+
+def test_subnormal_floats_are_flushed_during_calibration_and_kept_after():
+    tiny = torch.tensor([1e-40])  # subnormal in float32
+    seen = []
+    with flush_denormals():
+        seen.append((tiny * 1.0).item())
+    assert seen == [0.0]
+    assert (tiny * 1.0).item() > 0.0  # PyTorch's default is back
+
+
+def test_calibration_runs_with_subnormals_flushed(monkeypatch):
+    """The block loop runs inside `flush_denormals`: a subnormal computed in a block's forward
+    pass reads as zero there."""
+    seen = []
+    real = calibrate_mod.run_block
+
+    def spy(block, x, extra, runtime):
+        seen.append((torch.tensor([1e-40]) * 1.0).item())
+        return real(block, x, extra, runtime)
+
+    monkeypatch.setattr(calibrate_mod, "run_block", spy)
+    _run("llama", CalibConfig(epochs=1, nsamples=2, seqlen=24))
+    assert seen and set(seen) == {0.0}
+    assert (torch.tensor([1e-40]) * 1.0).item() > 0.0

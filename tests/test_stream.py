@@ -1,6 +1,7 @@
 """Weights streamed from disk give the same quantized model as the model loaded in memory."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,18 @@ def test_streaming_a_hub_model_from_the_hub_cache(tokenizer, tmp_path, monkeypat
     assert run.report["model"] == "tiny/qwen2"
     omniquant.quantize(snapshot, _config(), output=tmp_path / "mem", progress=False)
     _same_folders(tmp_path / "mem", tmp_path / "str")
+
+
+def test_the_memory_plan_counts_the_training_working_set(tokenizer, tmp_path):
+    """A block trains in 2 blocks of memory with --recompute, 4 without; weight training adds its
+    offsets, their gradients, AdamW's moments and the guard's copies; RTN needs 2."""
+    skeleton = api.model_skeleton(_folder("llama", tokenizer, tmp_path))
+
+    def work(**calib):
+        plan = api.memory_plan(skeleton, _config(replace(FAST, **calib)), True, None)
+        return plan.work_bytes / plan.block_bytes
+
+    assert work(recompute=True) == 2
+    assert work(recompute=False) == 4
+    assert work(recompute=True, weight_lr=0.01) == 8
+    assert work(method="rtn") == 2

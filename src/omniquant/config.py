@@ -118,7 +118,7 @@ class CalibConfig:
     patience: int = 2  # epochs without a better held-out loss before a block stops; 0: never
     # the dtype the block loop stores the chains' activations in between blocks (activations.py)
     activation_dtype: Literal["float32", "bfloat16"] = "float32"
-    recompute: bool = False  # Q(W) recomputed in backward, not kept (quant/recompute.py)
+    recompute: bool = True  # Q(W) recomputed in backward, not kept (quant/recompute.py)
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):
