@@ -38,6 +38,22 @@ def test_one_linear_has_the_same_output_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_weight_that_no_trained_tensor_reaches_passes_gradients_to_its_input_only():
+    """A frozen quantizer (RTN) beside a trained tensor shared by the block (LET's scales) that
+    this linear's weight does not read: the input still gets its gradient, the tensor none."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 8)
+    parametrize.register_parametrization(lin, "weight", LWC(8, 32, SPEC, learnable=False))
+    lin.parametrizations.weight.original.requires_grad_(False)
+    lin.bias.requires_grad_(False)
+    shared = nn.Parameter(torch.ones(3))
+    x = torch.randn(2, 32, requires_grad=True)
+    with recompute_weights({"lin": lin}, [shared], True):
+        lin(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert shared.grad is None
+
+
 def test_the_linear_forward_is_restored_after_the_context():
     lin, _ = _linear_with_lwc()
     with recompute_weights({"lin": lin}, [], True):

@@ -60,7 +60,7 @@ class RecomputedLinear(torch.autograd.Function):
         grad_x = (grad @ w.detach().to(grad.dtype)).to(x.dtype) if needs_x else None
         grad_bias = g2.sum(0).to(ctx.bias_dtype) if needs_bias and ctx.bias_dtype else None
         grads: dict[int, torch.Tensor | None] = {}
-        if wanted:
+        if wanted and w.requires_grad:  # else nothing trained reaches this weight
             grad_w = (g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(w.dtype)
             found = torch.autograd.grad(w, wanted, grad_w, allow_unused=True)
             grads = {id(p): g for p, g in zip(wanted, found, strict=True)}
