@@ -146,16 +146,16 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Pa
     return folder
 
 
-def interrupt_after_first_block(monkeypatch):
-    """Make `omniquant.api.quantize` raise KeyboardInterrupt once block 0 is saved (a killed
-    run); returns the real `calibrate_blocks`, to put back."""
+def interrupt_after_block(monkeypatch, index: int = 0):
+    """Make `omniquant.api.quantize` raise KeyboardInterrupt once block `index` is saved (a
+    killed run); returns the real `calibrate_blocks`, to put back."""
     from omniquant import api
 
     real = api.calibrate_blocks
 
     def interrupted(*args, **kwargs):
         def stop(report):
-            if report.index == 0:
+            if report.index == index:
                 raise KeyboardInterrupt
 
         return real(*args, **kwargs, on_block=stop)

@@ -8,7 +8,7 @@ import omniquant
 from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError, DataError, ModelError, OutputError
-from tests.conftest import interrupt_after_first_block, needs_austen
+from tests.conftest import interrupt_after_block, needs_austen
 
 pytestmark = needs_austen
 FAST = CalibConfig(epochs=1, nsamples=2, seqlen=32)
@@ -83,7 +83,7 @@ def test_missing_model_and_existing_output(tiny_llama_folder, tmp_path):
 
 def test_interrupted_run_resumes_from_the_partial_folder(tiny_llama_folder, tmp_path, monkeypatch):
     reference = omniquant.quantize(tiny_llama_folder, _config(), progress=False).model
-    real = interrupt_after_first_block(monkeypatch)
+    real = interrupt_after_block(monkeypatch)
     out = tmp_path / "q"
     with pytest.raises(KeyboardInterrupt):
         omniquant.quantize(tiny_llama_folder, _config(), output=out, progress=False)

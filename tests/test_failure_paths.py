@@ -12,7 +12,7 @@ from omniquant import api, calibrate, cli
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ModelError
 from omniquant.model_io import load_model
-from tests.conftest import needs_austen
+from tests.conftest import interrupt_after_block, needs_austen
 
 pytestmark = needs_austen
 FAST = ["--epochs", "1", "--nsamples", "2", "--seqlen", "32", "--quiet"]
@@ -288,16 +288,7 @@ def test_resume_with_a_truncated_block_state_trains_that_block_again(
 ):
     out = tmp_path / "q"
     args = ["quantize", "--model", tiny_llama_folder, "--group-size", "32", "--output", out, *FAST]
-    real = api.calibrate_blocks
-
-    def interrupted(*a, **k):
-        def stop(report):
-            if report.index == 1:
-                raise KeyboardInterrupt
-
-        return real(*a, **k, on_block=stop)
-
-    monkeypatch.setattr(api, "calibrate_blocks", interrupted)
+    interrupt_after_block(monkeypatch, index=1)
     with pytest.raises(KeyboardInterrupt):
         run(capsys, *args)
     monkeypatch.undo()

@@ -14,7 +14,7 @@ from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError
 from omniquant.stream import SafetensorsWeights
-from tests.conftest import FAMILIES, interrupt_after_first_block, needs_austen, tiny_config
+from tests.conftest import FAMILIES, interrupt_after_block, needs_austen, tiny_config
 
 pytestmark = needs_austen
 FAST = CalibConfig(epochs=1, nsamples=2, seqlen=32)
@@ -95,7 +95,7 @@ def test_streamed_run_killed_mid_way_resumes_from_the_written_blocks(
 ):
     folder = _folder("llama", tokenizer, tmp_path)
     omniquant.quantize(folder, _config(), output=tmp_path / "ref", progress=False, stream=True)
-    real = interrupt_after_first_block(monkeypatch)
+    real = interrupt_after_block(monkeypatch)
     out = tmp_path / "q"
     with pytest.raises(KeyboardInterrupt):
         omniquant.quantize(folder, _config(), output=out, progress=False, stream=True)

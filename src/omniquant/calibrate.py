@@ -308,9 +308,10 @@ def run_block_over(
         for j in range(len(store)):
             x = store[j]
             out = run_block(block, x.to(runtime.device, torch.float32), extra, runtime)
-            store[j] = out.to("cpu", x.dtype)
+            out = out.to("cpu", x.dtype)  # as stored: the loss needs no read back
+            store[j] = out
             if targets is not None:
-                losses.append(block_loss(store[j], targets[j], weighting).item())
+                losses.append(block_loss(out, targets[j], weighting).item())
     return losses
 
 
