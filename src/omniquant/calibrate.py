@@ -44,6 +44,7 @@ from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import QPARAMS_ATTR, from_affine
 from omniquant.quant.recompute import recompute_weights
 from omniquant.quant.weight_training import ADAM_EPS, StepOffset
+from omniquant.schedule import lr_factor
 from omniquant.transforms.let import ChannelStats, LetParams, LetPlan, attach_let, stats_hooks
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,17 @@ def mean_loss_of(
 
 
 def _optimizer(bq: BlockQuant, cfg: CalibConfig, lr_scale: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(bq.param_groups(cfg, lr_scale), weight_decay=cfg.wd)
+    opt = torch.optim.AdamW(bq.param_groups(cfg, lr_scale), weight_decay=cfg.wd)
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]  # the schedule's factor multiplies this
+    return opt
+
+
+def _schedule_lr(state: _TrainState, cfg: CalibConfig) -> None:
+    """Every group's rate for the coming step: its base rate x the schedule's factor."""
+    factor = lr_factor(state.step, state.total_steps, cfg.lr_schedule)
+    for group in state.opt.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 @dataclass
@@ -412,14 +423,16 @@ class _TrainState:
     opt: torch.optim.Optimizer
     params: list[torch.Tensor]
     good: list[torch.Tensor]
+    total_steps: int = 0  # epochs x batches: the schedule's length
+    step: int = 0  # optimizer steps taken
     lr_scale: float = 1.0
     nan_events: int = 0
 
 
-def _start(bq: BlockQuant, cfg: CalibConfig) -> _TrainState:
+def _start(bq: BlockQuant, cfg: CalibConfig, total_steps: int) -> _TrainState:
     opt = _optimizer(bq, cfg, 1.0)
     params = [p for group in opt.param_groups for p in group["params"]]
-    return _TrainState(opt, params, snapshot(params))
+    return _TrainState(opt, params, snapshot(params), total_steps)
 
 
 def _recover(bq: BlockQuant, cfg: CalibConfig, state: _TrainState) -> None:
@@ -448,10 +461,13 @@ def _train_epoch(
     """One pass over the batches in `order`; returns the mean training loss."""
     total = 0.0
     for j in order:
+        _schedule_lr(state, cfg)
         loss = _loss(block, j, data, cfg, runtime)
         while not _finite_step(state.opt, loss):
             _recover(bq, cfg, state)
+            _schedule_lr(state, cfg)
             loss = _loss(block, j, data, cfg, runtime)
+        state.step += 1
         bq.bound_offsets(cfg.weight_bound)
         copy_into(state.good, state.params)
         total += loss.item()
@@ -476,7 +492,7 @@ def train_block(
     `cfg.patience` epochs without improvement and, at the end, restores the best epoch's
     parameters (the starting ones when no epoch beat the start).
     """
-    state = _start(bq, cfg)
+    state = _start(bq, cfg, cfg.epochs * len(data.inputs_q))
     guard = None
     if validation is not None:
         guard = Guard(state.params, objective(block, validation, cfg, runtime), cfg.patience)

@@ -26,6 +26,7 @@ from omniquant.formats.gguf import APPROXIMATE_TYPES, FLOAT_TYPES, GgufOptions
 from omniquant.generate import check_prompt
 from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval
+from omniquant.schedule import SCHEDULES
 
 log = logging.getLogger("omniquant")
 
@@ -269,6 +270,14 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         "start: 0.5 lets training choose each weight's rounding and no more (default: "
         "unbounded). Guards text of other domains against weights that drift where the "
         "calibration text does not look (README, best recipe)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=list(SCHEDULES),
+        default=d.lr_schedule,
+        help="every learning rate over a block's epochs x batches steps: constant (the "
+        "reference code), cosine or linear decay towards zero, so the last steps of a block "
+        f"move parameters less (default {d.lr_schedule})",
     )
     p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
     p.add_argument(
@@ -549,6 +558,7 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             zero_point_ste=a.zero_point_grad == "ste",
             weight_lr_unit=a.weight_lr_unit,
             weight_bound=a.weight_bound,
+            lr_schedule=a.lr_schedule,
             let_scale=a.let_scale,
             let_init=a.let_init,
             shuffle=a.shuffle,

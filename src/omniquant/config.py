@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from omniquant.errors import ConfigError
+from omniquant.schedule import SCHEDULES, Schedule
 
 Method = Literal["omniquant", "rtn"]
 QkvPoint = Literal["attention", "projection"]
@@ -103,6 +104,7 @@ class CalibConfig:
     weight_lr: float = 0.0  # in quantization steps of each group (quant/weight_training.py)
     weight_lr_unit: Literal["step", "absolute"] = "step"  # absolute: weight units (older rows)
     weight_bound: float | None = None  # |Δ| ≤ bound (in --weight-lr's unit); None: unbounded
+    lr_schedule: Schedule = "constant"  # every group's rate over a block's steps (schedule.py)
     aug_loss: bool = False
     loss: LossWeighting = "mse"
     calib_dataset: str = "austen:prideprejudice"
@@ -126,6 +128,10 @@ class CalibConfig:
         if self.weight_lr_unit not in ("step", "absolute"):
             raise ConfigError(
                 f"weight_lr_unit must be 'step' or 'absolute', got {self.weight_lr_unit!r}"
+            )
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(
+                f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}"
             )
         if self.let_scale not in ("log", "direct"):
             raise ConfigError(f"let_scale must be 'log' or 'direct', got {self.let_scale!r}")
