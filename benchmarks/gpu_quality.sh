@@ -4,7 +4,9 @@
 # autocast, no TF32), several rows at once (each row is its own process: SmolLM2-135M's kernels
 # leave an H100/H200 mostly idle, so the rows share it). Perplexities agree with CPU rows to a few
 # tenths of a percent; the seconds are GPU seconds beside other rows, not speed figures.
-# Usage: bash benchmarks/gpu_quality.sh OUT_DIR [PARALLEL=8] [DEADLINE_S=3000]
+# Usage: bash benchmarks/gpu_quality.sh OUT_DIR [PARALLEL=8] [DEADLINE_S=3000] [JOBS_FILE]
+# (JOBS_FILE: lines "name|austen.py arguments" instead of the list below, e.g.
+# benchmarks/gpu_recipes.txt)
 # Rows go to OUT_DIR/rows.jsonl (benchmarks/austen.py's format), logs to $LOGS (default OUT_DIR/logs).
 # A row still running at the deadline is killed and left out.
 set -uo pipefail
@@ -13,6 +15,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${1:?usage: gpu_quality.sh OUT_DIR [PARALLEL] [DEADLINE_S]}"
 PARALLEL="${2:-8}"
 DEADLINE="${3:-3000}"
+JOBS_FILE="${4:-}"
 LOGS="${LOGS:-$OUT/logs}"
 mkdir -p "$OUT" "$LOGS"
 START=$(date +%s)
@@ -44,6 +47,7 @@ w3_best_32x4_lr015|--settings W3A16g128 --methods omniquant --weight-lr 0.015 --
 w2_best_32x4_lr007|--settings W2A16g64 --methods omniquant --weight-lr 0.007 --nsamples 32 --epochs 4
 EOF
 )
+[ -n "$JOBS_FILE" ] && JOBS=$(grep -v '^#' "$JOBS_FILE")
 
 run_job() {
   local name="${1%%|*}" args="${1#*|}"
