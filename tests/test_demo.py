@@ -50,6 +50,21 @@ def test_the_recipe_line_and_the_method_switch():
     assert recipe(config) == (
         "LWC + weight training (lr 0.007 steps), 16x512, 2 epochs, guard on 2 held-out windows"
     )
+    bounded = OmniQuantConfig(
+        WeightQuant(3, 128),
+        calib=CalibConfig(
+            nsamples=32,
+            seqlen=512,
+            epochs=4,
+            weight_lr=0.007,
+            weight_bound=0.5,
+            lr_schedule="cosine",
+        ),
+    )
+    assert recipe(bounded) == (
+        "LWC + weight training (lr 0.007 steps, within 0.5 steps) + cosine lr, 32x512, "
+        "4 epochs, guard on 4 held-out windows"
+    )
     assert (
         with_method(config, "rtn").calib.method == "rtn"
         and with_method(config, "rtn").weight == config.weight

@@ -493,3 +493,20 @@ def test_pack_rows_of_uint8_codes_matches_a_bit_by_bit_reference(bits):
     packed = pack_rows(codes.to(torch.uint8), bits)
     assert [w & 0xFFFFFFFF for w in packed[1].tolist()] == words
     assert torch.equal(unpack_rows(packed, bits, 77), codes.to(torch.uint8))
+
+
+def test_gguf_cache_folder_follows_the_content_not_the_place(tmp_path, monkeypatch):
+    """A copy of the same file elsewhere (a reinstall, a fresh venv) maps to the same cache
+    folder; a file whose bytes changed maps to another."""
+    from omniquant.model_io import gguf_cache_folder
+
+    monkeypatch.setenv("OMNIQUANT_CACHE", str(tmp_path / "cache"))
+    a = tmp_path / "one" / "m.gguf"
+    b = tmp_path / "two" / "m.gguf"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    assert gguf_cache_folder(a) == gguf_cache_folder(b)
+    assert gguf_cache_folder(a).parent == tmp_path / "cache"
+    b.write_bytes(b"GGUF" + bytes(range(256)) * 63)
+    assert gguf_cache_folder(a) != gguf_cache_folder(b)

@@ -79,7 +79,10 @@ def recipe(config: OmniQuantConfig) -> str:
     c = config.calib
     parts = ["LWC"] + (["LET"] if c.let else [])
     if c.weight_lr:
-        parts.append(f"weight training (lr {c.weight_lr:g} steps)")
+        bound = f", within {c.weight_bound:g} steps" if c.weight_bound is not None else ""
+        parts.append(f"weight training (lr {c.weight_lr:g} steps{bound})")
+    if c.lr_schedule != "constant":
+        parts.append(f"{c.lr_schedule} lr")
     guard = f"guard on {c.val_windows} held-out windows" if c.val_windows else "no guard"
     return f"{' + '.join(parts)}, {c.nsamples}x{c.seqlen}, {c.epochs} epochs, {guard}"
 

@@ -70,13 +70,22 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return fresh
 
 
+def gguf_cache_folder(gguf: Path) -> Path:
+    """The cache folder of a GGUF file's conversion, named by the file's content (SHA-256):
+    a reinstall or a copy elsewhere (a fresh virtual environment) finds the same folder instead
+    of converting again into a new one; a changed file gets a new one."""
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return cache_dir() / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+
+
 def _convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file to a cached safetensors folder (once); returns the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    folder = cache_dir() / f"{gguf.stem}-{key[:12]}"
+    folder = gguf_cache_folder(gguf)
     if (folder / "config.json").exists():
         return folder
     log.info("converting %s to float32 safetensors in %s (once)", gguf.name, folder)
