@@ -13,7 +13,8 @@ import omniquant
 from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError
-from omniquant.stream import SafetensorsWeights
+from omniquant.quant.qparams import GRIDS_FILE, QPARAMS_ATTR
+from omniquant.stream import GRID_PARTS, SafetensorsWeights, merge_grid_parts, write_safetensors
 from tests.conftest import FAMILIES, interrupt_after_block, needs_austen, tiny_config
 
 pytestmark = needs_austen
@@ -71,6 +72,9 @@ def test_streaming_gives_the_same_weights_as_the_model_in_memory(family, tokeniz
     assert streamed.report["memory"]["stream"] and not memory.report["memory"]["stream"]
     assert streamed.report["memory"]["peak_rss_bytes"] > 0
     assert all(p.is_meta for p in streamed.model.parameters())  # nothing kept in memory
+    # nor the grids: each block's went to disk with the block, and into one file at the end
+    assert not any(hasattr(m, QPARAMS_ATTR) for m in streamed.model.modules())
+    assert (tmp_path / "str" / GRIDS_FILE).exists() and not (tmp_path / "str" / GRID_PARTS).exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "str")
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
@@ -212,3 +216,29 @@ def test_the_memory_plan_counts_the_training_working_set(tokenizer, tmp_path):
     assert work(recompute=False) == 4
     assert work(recompute=True, weight_lr=0.01) == 8
     assert work(method="rtn") == 2
+
+
+def test_grid_parts_merge_into_one_file_and_are_removed(tmp_path):
+    from safetensors.torch import load_file
+
+    from omniquant.stream import Entry
+
+    parts = tmp_path / GRID_PARTS
+    parts.mkdir()
+    g = torch.Generator().manual_seed(0)
+    want = {}
+    for i in range(3):
+        block = {
+            f"model.layers.{i}.mlp.up_proj.scales": torch.rand(8, 2, generator=g),
+            f"model.layers.{i}.mlp.up_proj.zeros": torch.randint(0, 15, (8, 2), generator=g),
+        }
+        want.update(block)
+        entries = [Entry.of(k, v) for k, v in block.items()]
+        write_safetensors(parts / f"block-{i:05d}.safetensors", entries, {})
+    assert merge_grid_parts(tmp_path, tmp_path / GRIDS_FILE)
+    got = load_file(str(tmp_path / GRIDS_FILE))
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert not parts.exists()
+    assert not merge_grid_parts(tmp_path, tmp_path / "none.safetensors")  # nothing to merge
+    assert not (tmp_path / "none.safetensors").exists()

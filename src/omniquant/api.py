@@ -49,7 +49,7 @@ from omniquant.models.architecture import Architecture
 from omniquant.paths import check_new_output
 from omniquant.quant.activation import attach_act_quantizers
 from omniquant.quant.lwc import LWC
-from omniquant.quant.qparams import attach_grids, save_grids
+from omniquant.quant.qparams import GRIDS_FILE, attach_grids, save_grids
 from omniquant.report import write_run_report
 from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_format
 from omniquant.stream import (
@@ -59,6 +59,7 @@ from omniquant.stream import (
     capture_embedding,
     drop,
     fill,
+    merge_grid_parts,
     outside_names,
     tied_sources,
     write_rest,
@@ -583,7 +584,7 @@ def write_streamed_output(
 
         GenerationConfig.from_pretrained(source.folder).save_pretrained(stage)
     tokenizer.save_pretrained(stage)
-    save_grids(model, stage)
+    merge_grid_parts(stage, stage / GRIDS_FILE)  # the blocks' grids, written as they finished
     (stage / REPORT_FILE).write_text(json.dumps(report, indent=2))
     write_run_report(stage, report)
     stage.rename(out)

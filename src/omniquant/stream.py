@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import nn
 from omniquant.errors import ModelError
 from omniquant.memory import release_free_memory
 from omniquant.model_io import hub_options, one_line, resolve_model_path
+from omniquant.quant.qparams import drop_grids, grid_tensors
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +298,47 @@ class ShardWriter:
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
+GRID_PARTS = "grids.parts"  # in the stage folder: each block's grid until the run ends
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header: name -> dtype, shape, data offsets (and __metadata__)."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
+
+
+def _stored(path: Path, name: str) -> Callable[[], Iterable[torch.Tensor]]:
+    def chunks() -> list[torch.Tensor]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return [f.get_tensor(name)]
+
+    return chunks
+
+
+def merge_grid_parts(folder: Path, out: Path) -> bool:
+    """Write the blocks' grid files (`folder/GRID_PARTS`) as one safetensors file `out`, one
+    tensor in memory at a time, and delete them; False when there are none."""
+    parts = sorted((folder / GRID_PARTS).glob("block-*.safetensors"))
+    entries = []
+    for part in parts:
+        for name, info in safetensors_header(part).items():
+            if name != "__metadata__":
+                dtype = TORCH_DTYPES[info["dtype"]]
+                entries.append(Entry(name, dtype, tuple(info["shape"]), _stored(part, name)))
+    if entries:
+        write_safetensors(out, entries, {"format": "pt"})
+    shutil.rmtree(folder / GRID_PARTS, ignore_errors=True)
+    return bool(entries)
+
+
 class StreamedBlocks:
     """The block loop's weights (`calibrate.BlockWeights`): block i read from the files before
-    its calibration; after it, the quantized block written as shard `block-<i>` and dropped."""
+    its calibration; after it, the quantized block written as shard `block-<i>` and its grid to
+    `GRID_PARTS`, then both dropped (a 70B model's grids alone are ~4 GB)."""
 
     def __init__(
         self, model: nn.Module, layers: str, source: SafetensorsWeights, writer: ShardWriter
@@ -319,6 +359,14 @@ class StreamedBlocks:
         entries = [Entry.of(prefix + k, v) for k, v in block.state_dict().items()]
         self.writer.write(f"block-{index:05d}", entries)
         del entries
+        grids = grid_tensors(block, prefix)
+        if grids:
+            parts = self.writer.folder / GRID_PARTS
+            parts.mkdir(exist_ok=True)
+            tmp = parts / f"block-{index:05d}.tmp"
+            write_safetensors(tmp, [Entry.of(k, v) for k, v in grids.items()], {})
+            tmp.replace(parts / f"block-{index:05d}.safetensors")
+            drop_grids(block)
         block.to("meta")
         release_free_memory()
 

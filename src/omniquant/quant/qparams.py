@@ -107,16 +107,30 @@ def expand_groups(t: torch.Tensor, qp: LinearQParams, to_group: int) -> torch.Te
 GRIDS_FILE = "quant_grids.safetensors"  # beside a fake-quantized model: its scales, zero points
 
 
+def grid_tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every linear's grid under `module` as GRIDS_FILE's tensors (`<name>.scales`, `.zeros`;
+    names prefixed with `prefix`, e.g. a block's `model.layers.3.`)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, sub in module.named_modules():
+        qp = getattr(sub, QPARAMS_ATTR, None)
+        if qp is not None:
+            state[f"{prefix}{name}.scales"] = qp.scale
+            state[f"{prefix}{name}.zeros"] = qp.zero
+    return state
+
+
+def drop_grids(module: torch.nn.Module) -> None:
+    """Forget the grids recorded on the linears under `module` (once they are on disk)."""
+    for sub in module.modules():
+        if hasattr(sub, QPARAMS_ATTR):
+            delattr(sub, QPARAMS_ATTR)
+
+
 def save_grids(model: torch.nn.Module, folder: Path) -> bool:
     """Write every linear's grid to `folder/GRIDS_FILE`; False when the model has none."""
     from safetensors.torch import save_file
 
-    state: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        qp = getattr(module, QPARAMS_ATTR, None)
-        if qp is not None:
-            state[f"{name}.scales"] = qp.scale
-            state[f"{name}.zeros"] = qp.zero
+    state = grid_tensors(model)
     if not state:
         return False
     save_file(state, str(folder / GRIDS_FILE))
