@@ -7,6 +7,7 @@ block's seconds, its report and the process's peak RSS. The README's in-process 
   B="python benchmarks/block.py --config benchmarks"
   $B/llama-3.1-8b-config.json --windows 4 --held-out 1
   $B/llama-3.1-8b-config.json --windows 4 --held-out 1 --no-recompute
+  $B/llama-3.1-8b-config.json --windows 4 --held-out 1 --map-large-allocations
   $B/smollm2-135m-config.json --windows 16 --held-out 2 --weight-lr 0.007
 
 "Before" figures: the same command on a checkout of commit 189e63c (the 8B-shape block's 90.3 s;
@@ -44,6 +45,11 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--weight-lr", type=float, default=0.0)
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--map-large-allocations",
+        action="store_true",
+        help="as a streamed run does: allocations of 8 MiB or more mapped (memory.py)",
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     config = json.loads(a.config.read_text())
@@ -59,6 +65,10 @@ def main() -> None:
     if "recompute" in {f.name for f in dataclasses.fields(CalibConfig)}:
         fields["recompute"] = a.recompute
     spec = WeightQuant(bits=a.wbits, group_size=a.group_size)
+    if a.map_large_allocations:
+        from omniquant.memory import map_large_allocations
+
+        map_large_allocations()
     t0 = time.perf_counter()
     reports = calibrate_blocks(
         blocks,

@@ -122,3 +122,36 @@ def test_the_reference_let_variants_fold_exactly(
         family, True, "ragged", False, 16, let_scale=let_scale, let_init=let_init
     )
     assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
+
+
+def test_folding_lets_go_of_the_unquantized_weights() -> None:
+    """After the fold each linear holds only its quantized weight: no quantizer keeps the grouped
+    view of the old tensor (which alone kept a second copy of the block alive: 0.8 GiB on an
+    8B-shape block)."""
+    import gc
+    import weakref
+
+    from omniquant.calibrate import objective
+
+    model = tiny_model("llama")
+    blocks = decoder_layers(model, get_architecture(model))
+    captured = capture_block_inputs(model, blocks, list(random_ids(4, 24).split(2)))
+    block = blocks[0]
+    block.requires_grad_(False)
+    extra = _extra_on_device(captured.block_args[0], RT.device)
+    targets = run_block_all(block, captured.hidden, extra, RT)
+    cfg = CalibConfig(epochs=1, nsamples=4, seqlen=24, batch_size=2)
+    bq = attach_block_quant(block, WeightQuant(3, 32), cfg, None, None)
+    data = BlockData(captured.hidden, targets, None, extra)
+    objective(block, data, cfg, RT)  # a no-gradient pass: every quantizer caches its grouping
+    assert all(q._cache is not None for q in bq.lwc.values())
+    # the old weights, as tensors sharing their storage (set_ replaces a parameter's storage)
+    old = {
+        name: weakref.ref(lin.parametrizations.weight.original.untyped_storage())
+        for name, lin in block.named_modules()
+        if hasattr(lin, "parametrizations")
+    }
+    fold_parametrizations(block)
+    gc.collect()
+    assert all(q._cache is None for q in bq.lwc.values())
+    assert old and all(ref() is None for ref in old.values())

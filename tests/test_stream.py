@@ -242,3 +242,20 @@ def test_grid_parts_merge_into_one_file_and_are_removed(tmp_path):
     assert not parts.exists()
     assert not merge_grid_parts(tmp_path, tmp_path / "none.safetensors")  # nothing to merge
     assert not (tmp_path / "none.safetensors").exists()
+
+
+def test_only_streamed_runs_map_large_allocations(tokenizer, tmp_path, monkeypatch):
+    import sys
+
+    import omniquant.calibrate as calibrate_mod
+    from omniquant.memory import map_large_allocations
+
+    if sys.platform.startswith("linux"):
+        assert map_large_allocations()  # glibc takes the setting
+    calls = []
+    monkeypatch.setattr(calibrate_mod, "map_large_allocations", lambda: calls.append(1))
+    folder = _folder("llama", tokenizer, tmp_path)
+    omniquant.quantize(folder, _config(), output=tmp_path / "mem", progress=False)
+    assert calls == []
+    omniquant.quantize(folder, _config(), output=tmp_path / "str", progress=False, stream=True)
+    assert calls == [1]

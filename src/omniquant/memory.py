@@ -39,6 +39,26 @@ def release_free_memory() -> bool:
     return True
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 8 << 20
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Have the C allocator give every allocation of `threshold` bytes or more its own mapping,
+    returned to the system when freed. glibc's default raises this threshold as large blocks
+    are freed (up to 32 MiB), so a block loop's activation-sized temporaries then come from the
+    heap, where whatever small allocation stays behind them keeps the freed space resident.
+    Measured on one block of Llama-3.1-8B's shape (`benchmarks/block.py`, AMD EPYC, 2 threads):
+    peak RSS 2.78 -> 2.45 GiB, time 52.5 -> 57.3 s (fresh mappings are page-faulted in on every
+    use), so the block loop does this for streamed runs only, where memory is the point.
+    Process-wide and permanent (glibc has no way back to its adaptive threshold); False where
+    the C library has no mallopt (macOS, musl)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built inside this context put their parameters on the meta device: a model's

@@ -59,6 +59,11 @@ class LWC(nn.Module):
         self._cache: tuple[weakref.ref[torch.Tensor], int, _Grouped] | None = None
         self.last_params: AffineParams | None = None  # scale/zero of the latest forward
 
+    def clear_cache(self) -> None:
+        """Drop the grouped weight kept for frozen weights: it is a view of the weight, so after
+        folding (which gives the linear a new tensor) it alone would keep the old one alive."""
+        self._cache = None
+
     def strengths(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(γ, β): the fraction of the max and of the min that the grid spans."""
         if not self.learnable:
