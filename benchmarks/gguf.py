@@ -345,6 +345,11 @@ def main() -> int:
     )
     p.add_argument("--llama-types", default="Q4_1,Q4_0", help="llama-quantize types, comma-sep.")
     p.add_argument("--no-imatrix", action="store_true", help="skip the importance-matrix runs")
+    p.add_argument(
+        "--imatrix-only",
+        action="store_true",
+        help="only the importance-matrix rows of --llama-types (the plain ones measured before)",
+    )
     p.add_argument("--no-float", action="store_true", help="skip the float row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="llama-bench -r (default 5)")
@@ -390,7 +395,7 @@ def main() -> int:
     if not a.no_float:
         variants.append(("float32 (ours, f32)", source, None))
     types = [t for t in a.llama_types.split(",") if t]
-    for kind in types:
+    for kind in [] if a.imatrix_only else types:
         variants.append(
             (
                 f"llama.cpp {kind}",

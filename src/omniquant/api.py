@@ -851,12 +851,27 @@ def load(
     return model, tokenizer
 
 
+def _gguf_rope_parameters(folder: Path) -> dict[str, Any] | None:
+    """The RoPE settings a scaled model's GGUF folder recorded in its report, if any."""
+    report = folder / "omniquant.json"
+    if not report.is_file():
+        return None
+    saved = json.loads(report.read_text()).get("format", {}).get("rope_parameters")
+    return saved if isinstance(saved, dict) else None
+
+
 def load_gguf_folder(folder: Path, device: str = "cpu") -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a gguf folder through transformers' own GGUF loader, which
     dequantizes every block to float32 with the `gguf` package."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_FILE)
+    saved = _gguf_rope_parameters(folder)
+    if saved is not None:  # transformers' GGUF loader reads no RoPE scaling: ours, as written
+        config.rope_parameters = saved.get("default", saved)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF_FILE, config=config, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     return model.eval().to(device), tokenizer
 

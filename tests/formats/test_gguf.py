@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,14 +22,15 @@ from omniquant.formats.gguf import (
     dequantized_linear,
     gguf_architecture,
     permute_qk,
-    pre_tokenizer_name,
     write_gguf,
 )
+from omniquant.formats.gguf_vocab import pre_tokenizer_name
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
 from tests.conftest import tiny_config
 
 pytest.importorskip("gguf")
 GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+SPACE = "\u2581"
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8 + "0123456789 Hello, world!"
 
 
@@ -48,6 +50,42 @@ def byte_bpe_tokenizer() -> PreTrainedTokenizerFast:
     tok.train_from_iterator([TEXT], trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>"
+    )
+
+
+def sentencepiece_tokenizer(style: str = "prepend") -> PreTrainedTokenizerFast:
+    """A tiny SentencePiece-style BPE in Llama 2's layout: <unk>, <s>, </s>, the 256 byte tokens
+    <0x00>..<0xFF>, then pieces over "▁"-spelled text, byte fallback for characters it lacks.
+    `style`: how spaces become "▁": "prepend" (Llama 2 / Phi-3: Prepend + Replace normalizer),
+    "metaspace" (newer conversions: Metaspace, prepend scheme "first") or "no-prefix" (Gemma)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import pre_tokenizers as pt
+
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pt.Metaspace()
+    learner.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {p: i for i, p in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    bpe = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    tok = Tokenizer(bpe)
+    space = normalizers.Replace(" ", SPACE)
+    if style == "prepend":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), space])
+    elif style == "metaspace":
+        tok.pre_tokenizer = pt.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
+    else:
+        tok.normalizer = space
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
 
 
@@ -251,8 +289,8 @@ def test_families_llama_cpp_or_transformers_cannot_read_are_refused():
     with pytest.raises(ExportError, match="omniquant-packed"):
         gguf_architecture(tiny_config("opt"))
     cfg = tiny_config("llama")
-    cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
-    with pytest.raises(ExportError, match="llama3"):
+    cfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}
+    with pytest.raises(ExportError, match="dynamic"):
         gguf_architecture(cfg)
     assert gguf_architecture(tiny_config("mistral")) == "llama"
 
@@ -364,3 +402,235 @@ def test_an_approximate_mapping_is_written_only_on_request_with_its_error(tmp_pa
     got = torch.from_numpy(dequantized_linear(tmp_path / GGUF_FILE, "blk.1.attn_v.weight"))
     actual = float((got - v).norm() / v.norm())
     assert actual == pytest.approx(errors["blk.1.attn_v.weight"], rel=1e-3)
+
+
+SAMPLES = [
+    "the quick brown fox",
+    "two  spaces, a tab\tand\na newline",
+    "café, 日本語 and ünïcödé outside the vocabulary",
+    "Hello, world! 0123456789 the lazy dog.",
+]
+
+
+@pytest.mark.parametrize(
+    "family,style",
+    [("llama", "prepend"), ("mistral", "metaspace"), ("phi3", "prepend"), ("gemma3", "no-prefix")],
+)
+def test_sentencepiece_tokenizers_are_written_for_llama_cpps_spm_and_load_back(
+    tmp_path, family, style
+):
+    from transformers import AutoTokenizer
+
+    from gguf import GGUFReader
+
+    tokenizer = sentencepiece_tokenizer(style)
+    model = gguf_tiny_model(family, len(tokenizer))
+    write_gguf(model, tokenizer, rtn(model, WeightQuant(4, 32)), tmp_path / GGUF_FILE)
+    fields = GGUFReader(str(tmp_path / GGUF_FILE)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.pre"].contents() == "default"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() == (style != "no-prefix")
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[:4] == [2, 3, 3, 6]  # <unk> unknown, <s> </s> control, <0x00> byte
+    assert types.count(6) == 256
+    scores = fields["tokenizer.ggml.scores"].contents()
+    assert len(scores) == len(types) == model.config.vocab_size
+    assert min(scores) < 0 and scores[:259] == [0.0] * 259  # specials and bytes: no merge
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=GGUF_FILE)
+    for text in SAMPLES:  # transformers' loader rebuilds the tokenizer from the merges
+        assert back(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def spm_greedy(text: str, vocab: Any, prefix: bool) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer, in short: spaces spelled "▁" (one in front when
+    `prefix`), characters merged pairwise, always the adjacent pair whose result has the highest
+    score (leftmost on ties), characters not in the vocabulary as their <0xXX> byte tokens."""
+    ids = {t: i for i, t in enumerate(vocab.tokens) if vocab.types[i] in (1, 6)}
+    symbols = list((SPACE if prefix else "") + text.replace(" ", SPACE))
+    while True:
+        best: tuple[float, int] | None = None
+        for i in range(len(symbols) - 1):
+            merged = ids.get(symbols[i] + symbols[i + 1])
+            better = merged is not None and (best is None or vocab.scores[merged] > best[0])
+            if better and vocab.types[merged] == 1:
+                best = (vocab.scores[merged], i)
+        if best is None:
+            break
+        i = best[1]
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    out: list[int] = []
+    for s in symbols:
+        out += [ids[s]] if s in ids else [ids[f"<0x{b:02X}>"] for b in s.encode()]
+    return out
+
+
+@pytest.mark.parametrize("style", ["prepend", "no-prefix"])
+def test_merging_by_the_written_scores_is_the_tokenizers_bpe(style):
+    from omniquant.formats.gguf_vocab import tokenizer_vocab
+
+    tokenizer = sentencepiece_tokenizer(style)
+    vocab = tokenizer_vocab(tokenizer, len(tokenizer))
+    assert vocab.scores is not None and vocab.add_space_prefix == (style == "prepend")
+    for text in [TEXT[:90], *SAMPLES]:
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert spm_greedy(text, vocab, vocab.add_space_prefix) == want, text
+
+
+def test_merge_scores_are_minus_the_first_rank_that_makes_a_token():
+    from omniquant.formats.gguf_vocab import merge_scores
+
+    vocab = {"a": 0, "b": 1, "ab": 2, "abb": 3, "c": 4}
+    assert merge_scores(vocab, ["a b", ["ab", "b"], "a bb", ["a", "b"]]) == {2: -1.0, 3: -2.0}
+
+
+def test_tokenizers_llama_cpp_cannot_reproduce_are_refused_naming_what_was_found():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from omniquant.formats.gguf_vocab import check_gguf_tokenizer
+
+    tok = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ExportError, match=r"WordPiece.*Whitespace.*not one llama\.cpp"):
+        check_gguf_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]"))
+    no_spaces = sentencepiece_tokenizer("no-prefix")
+    no_spaces.backend_tokenizer.normalizer = None  # byte fallback, but spaces never become "▁"
+    with pytest.raises(ExportError, match="byte fallback True"):
+        check_gguf_tokenizer(no_spaces)
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # head size 16: all three wavelength regimes
+}
+
+
+def scaled_model(family: str, rope: dict[str, Any], vocab: int, **config: Any) -> torch.nn.Module:
+    model = gguf_tiny_model(family, vocab)
+    model.config.rope_parameters = dict(rope)
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    rebuilt = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt.eval()
+
+
+def _fields(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out: dict[str, Any] = {k: f.contents() for k, f in reader.fields.items()}
+    out.update({t.name: np.array(t.data) for t in reader.tensors if t.name.startswith("rope_")})
+    return out
+
+
+def test_llama3_scaling_is_the_rope_freqs_tensor_transformers_implies(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    tokenizer = byte_bpe_tokenizer()
+    model = scaled_model("llama", LLAMA3_ROPE, len(tokenizer))
+    written = write_gguf(model, tokenizer, rtn(model, WeightQuant(4, 32)), tmp_path / GGUF_FILE)
+    got = _fields(tmp_path / GGUF_FILE)["rope_freqs.weight"]
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config)
+    plain = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    divisors = (plain / scaled.double()).numpy()  # llama.cpp divides each frequency by these
+    assert got.shape == (8,) and got.min() == 1.0 and got.max() == 8.0  # both ends reached
+    assert np.allclose(got, divisors, rtol=1e-5)
+    assert written["rope_scaling"] == "llama3"
+
+
+@pytest.mark.parametrize(
+    "family,rope,want",
+    [
+        ("qwen2", {"rope_type": "linear", "factor": 4.0}, ("linear", 4.0, None)),
+        (
+            "qwen3",
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+            ("yarn", 4.0, 128),
+        ),
+        (
+            "mistral",
+            {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256},
+            ("yarn", 2.0, 256),
+        ),
+    ],
+)
+def test_linear_and_yarn_scaling_are_written_as_llama_cpp_reads_them(tmp_path, family, rope, want):
+    tokenizer = byte_bpe_tokenizer()
+    model = scaled_model(family, {"rope_theta": 10000.0, **rope}, len(tokenizer))
+    write_gguf(model, tokenizer, rtn(model, WeightQuant(4, 32)), tmp_path / GGUF_FILE)
+    fields = _fields(tmp_path / GGUF_FILE)
+    arch = fields["general.architecture"]
+    kind, factor, original = want
+    assert fields[f"{arch}.rope.scaling.type"] == kind
+    assert fields[f"{arch}.rope.scaling.factor"] == factor
+    assert fields.get(f"{arch}.rope.scaling.original_context_length") == original
+    assert not any(k.startswith("rope_") for k in fields)  # no tensor for these
+
+
+def test_longrope_factors_and_attention_factor_match_transformers(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    tokenizer = byte_bpe_tokenizer()
+    gen = torch.Generator().manual_seed(3)
+    short, long = (1 + torch.rand(8, generator=gen) * k for k in (0.1, 4.0))
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": short.tolist(),
+        "long_factor": long.tolist(),
+        "original_max_position_embeddings": 64,
+    }
+    sizes = {"max_position_embeddings": 1024, "original_max_position_embeddings": 64}
+    model = scaled_model("phi3", rope, len(tokenizer), **sizes)
+    write_gguf(model, tokenizer, rtn(model, WeightQuant(4, 32)), tmp_path / GGUF_FILE)
+    fields = _fields(tmp_path / GGUF_FILE)
+    assert np.allclose(fields["rope_factors_short.weight"], short.numpy())
+    assert np.allclose(fields["rope_factors_long.weight"], long.numpy())
+    _, attention = ROPE_INIT_FUNCTIONS["longrope"](model.config, seq_len=1024)
+    assert attention > 1.0
+    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(attention, rel=1e-6)
+    assert fields["phi3.rope.scaling.original_context_length"] == 64
+
+
+@pytest.mark.parametrize(
+    "family,rope,match",
+    [
+        ("llama", {"rope_type": "dynamic", "factor": 2.0}, "'dynamic' on llama.cpp's llama"),
+        ("qwen2", LLAMA3_ROPE, "'llama3' on llama.cpp's qwen2"),
+        (
+            "llama",
+            {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16.0},
+            "llama.cpp's defaults.*beta_fast",
+        ),
+    ],
+)
+def test_rope_scaling_llama_cpp_would_run_differently_is_refused(family, rope, match):
+    model = gguf_tiny_model(family, 64)
+    model.config.rope_parameters = {"rope_theta": 10000.0, **rope}
+    with pytest.raises(ExportError, match=match):
+        gguf_architecture(model.config)
+
+
+def test_a_scaled_models_folder_loads_back_with_its_scaling(tmp_path):
+    from omniquant.api import load_gguf_folder
+    from omniquant.formats.gguf import write_gguf_folder
+
+    tokenizer = byte_bpe_tokenizer()
+    model = scaled_model("llama", LLAMA3_ROPE, len(tokenizer))
+    config = rtn(model, WeightQuant(4, 32))
+    write_gguf_folder(model, tokenizer, config, {}, tmp_path, GgufOptions("f32", "f32"))
+    loaded, _ = load_gguf_folder(tmp_path)
+    assert loaded.config.rope_parameters["rope_type"] == "llama3"
+    ids = torch.randint(3, len(tokenizer), (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        exact = with_blocks_grid(model)(ids).logits
+        got = loaded(ids).logits
+        unscaled = gguf_tiny_model("llama", len(tokenizer))
+        unscaled.load_state_dict(with_blocks_grid(model).state_dict())
+        plain = unscaled(ids).logits
+    assert (got - exact).abs().max() <= 1e-4 * exact.abs().max()
+    assert (plain - exact).abs().max() > 1e-2 * exact.abs().max()  # the scaling matters here

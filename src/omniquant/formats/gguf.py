@@ -46,6 +46,19 @@ from torch import nn
 
 from omniquant.config import OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError, ExportError
+from omniquant.formats.gguf_rope import (
+    add_rope_scaling,
+    check_rope_scaling,
+    full_attention_rope,
+    rope_parameters,
+    rope_tensors,
+)
+from omniquant.formats.gguf_vocab import (
+    Vocab,
+    add_vocab,
+    check_gguf_tokenizer,
+    tokenizer_vocab,
+)
 from omniquant.quant.primitives import effective_group_size
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, expand_groups, weight_codes
 
@@ -191,19 +204,6 @@ def check_gguf_widths(
             )
 
 
-def _rope_parameters(hf: Any) -> dict[str, dict[str, Any]]:
-    """RoPE settings by layer type ('default' when the model has one kind of layer)."""
-    params = getattr(hf, "rope_parameters", None) or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
-        return dict(params)
-    if not params:
-        params = {"rope_theta": getattr(hf, "rope_theta", 10000.0)}
-        scaling = getattr(hf, "rope_scaling", None)
-        if scaling:
-            params = {**params, **scaling}
-    return {"default": dict(params)}
-
-
 def gguf_architecture(hf: Any) -> str:
     """llama.cpp's architecture name for a transformers config, or an ExportError saying why
     the model cannot be written as GGUF (before any weight is loaded)."""
@@ -215,13 +215,7 @@ def gguf_architecture(hf: Any) -> str:
             f"GGUF export covers the families both llama.cpp and transformers' GGUF loader read "
             f"({families}); {model_type!r} is not one of them: use --format omniquant-packed"
         )
-    for layer, rope in _rope_parameters(hf).items():
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise ExportError(
-                f"GGUF export writes plain RoPE; this model's {layer} layers use {kind!r} RoPE "
-                f"scaling, which it does not write yet: use --format omniquant-packed"
-            )
+    check_rope_scaling(hf, arch)
     if model_type == "qwen2" and getattr(hf, "use_sliding_window", False):
         raise ExportError("llama.cpp's qwen2 has no sliding-window attention; use another format")
     if model_type == "gemma3_text":
@@ -325,111 +319,6 @@ def approximate_blocks(w: torch.Tensor, kind: str) -> tuple[np.ndarray, float]:
     return encode_blocks(codes, d16.numpy(), m16.numpy(), kind), err
 
 
-# ---------------------------------------------------------------- tokenizer
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """What llama.cpp's tokenizer reads."""
-
-    model: str  # "gpt2": byte-level BPE
-    pre: str  # llama.cpp's pre-tokenizer name
-    tokens: list[str]
-    types: list[int]  # 1 normal, 3 control, 4 user-defined, 5 unused
-    merges: list[str]
-    special: dict[str, int]  # bos, eos, unk, pad -> id
-    add_bos: bool
-    add_eos: bool
-    chat_template: str | None
-
-
-# the split regex of known byte-level BPE tokenizers (tokenizer.json) -> llama.cpp's name
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPLIT_PRE = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
-
-
-def pre_tokenizer_name(pre: dict[str, Any] | None) -> str | None:
-    """llama.cpp's name for a byte-level BPE pre-tokenizer (tokenizer.json's
-    `pre_tokenizer`), or None when it is not one llama.cpp reproduces."""
-    if pre is None:
-        return None
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm" if steps[1].get("use_regex", True) else None
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        pattern = steps[0].get("pattern", {})
-        return SPLIT_PRE.get(pattern.get("Regex", ""))
-    return None
-
-
-def _merge_strings(merges: list[Any]) -> list[str]:
-    return [m if isinstance(m, str) else " ".join(m) for m in merges]
-
-
-def tokenizer_vocab(tokenizer: Any, n_vocab: int, model_config: Any = None) -> Vocab:
-    """The GGUF vocabulary of a byte-level BPE fast tokenizer, padded with unused tokens up to
-    the embedding's `n_vocab` rows; special ids the tokenizer lacks come from the model's
-    config (a padding id, say)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ExportError("GGUF export needs a fast (tokenizers) tokenizer")
-    spec = json.loads(backend.to_str())
-    model = spec["model"]
-    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
-        raise ExportError(
-            "GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM "
-            f"style); this one ({model.get('type')}, pre-tokenizer "
-            f"{(spec.get('pre_tokenizer') or {}).get('type')}) is not one llama.cpp reproduces"
-        )
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types = {i: 1 for i in by_id}
-    for added in spec.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        types[added["id"]] = 3 if added.get("special") else 4
-    if by_id and max(by_id) >= n_vocab:
-        raise ExportError(f"the tokenizer has ids up to {max(by_id)}, the model {n_vocab} rows")
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
-    token_types = [types.get(i, 5) for i in range(n_vocab)]
-    special: dict[str, int] = {}
-    for key in ("bos", "eos", "unk", "pad"):
-        value = getattr(tokenizer, f"{key}_token_id", None)
-        if value is None:
-            value = getattr(model_config, f"{key}_token_id", None)
-        if isinstance(value, int) and 0 <= value < n_vocab:
-            special[key] = value
-    probe = tokenizer("a")["input_ids"]
-    add_bos = "bos" in special and probe[:1] == [special["bos"]]
-    add_eos = "eos" in special and probe[-1:] == [special["eos"]]
-    template = getattr(tokenizer, "chat_template", None)
-    return Vocab(
-        "gpt2",
-        pre,
-        tokens,
-        token_types,
-        _merge_strings(model.get("merges", [])),
-        special,
-        add_bos,
-        add_eos,
-        template if isinstance(template, str) else None,
-    )
-
-
-def check_gguf_tokenizer(tokenizer: Any) -> None:
-    """Refuse a tokenizer GGUF export cannot write (before calibration)."""
-    tokenizer_vocab(tokenizer, 1 + max(tokenizer.get_vocab().values()))
-
-
 # ---------------------------------------------------------------- metadata
 
 
@@ -437,12 +326,20 @@ def _head_dim(hf: Any) -> int:
     return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
 
 
+def rope_dims(hf: Any, arch: str) -> int:
+    """How many dimensions of each head RoPE rotates (Phi-3 may rotate a part)."""
+    if arch != "phi3":
+        return _head_dim(hf)
+    partial = float(full_attention_rope(hf).get("partial_rotary_factor", 1.0))
+    return int(partial * hf.hidden_size) // hf.num_attention_heads
+
+
 def add_metadata(writer: Any, hf: Any, arch: str, name: str, file_type: int) -> None:
     """Architecture, attention, RoPE and norm parameters, as llama.cpp's loader reads them."""
     import gguf
 
     head_dim = _head_dim(hf)
-    rope = _rope_parameters(hf)
+    rope = rope_parameters(hf)
     writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -460,9 +357,9 @@ def add_metadata(writer: Any, hf: Any, arch: str, name: str, file_type: int) -> 
     writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
+    add_rope_scaling(writer, hf, arch)
     if arch == "phi3":
-        partial = float(full.get("partial_rotary_factor", 1.0))
-        writer.add_rope_dimension_count(int(partial * hf.hidden_size) // hf.num_attention_heads)
+        writer.add_rope_dimension_count(rope_dims(hf, arch))
         original = full.get("original_max_position_embeddings") or getattr(
             hf, "original_max_position_embeddings", hf.max_position_embeddings
         )
@@ -477,27 +374,6 @@ def add_metadata(writer: Any, hf: Any, arch: str, name: str, file_type: int) -> 
             writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
         if getattr(hf, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(hf.final_logit_softcapping)
-
-
-def add_vocab(writer: Any, vocab: Vocab) -> None:
-    """The tokenizer: tokens, types, merges, special ids, BOS/EOS policy, chat template."""
-    writer.add_tokenizer_model(vocab.model)
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
-    adders = {
-        "bos": writer.add_bos_token_id,
-        "eos": writer.add_eos_token_id,
-        "unk": writer.add_unk_token_id,
-        "pad": writer.add_pad_token_id,
-    }
-    for key, token_id in vocab.special.items():
-        adders[key](token_id)
-    writer.add_add_bos_token(vocab.add_bos)
-    writer.add_add_eos_token(vocab.add_eos)
-    if vocab.chat_template:
-        writer.add_chat_template(vocab.chat_template)
 
 
 # ---------------------------------------------------------------- tensors
@@ -613,6 +489,8 @@ def model_tensors(
         if err:
             errors[name] = err
         out.append(written)
+    for name, data in rope_tensors(hf, arch, rope_dims(hf, arch)).items():
+        out.append(TensorOut(name, data))
     return out, errors
 
 
@@ -690,10 +568,20 @@ def write_gguf(
         "exact": not approximate,
         "embeddings": options.embeddings,
         "output": options.output,
+        "tokenizer": vocab.model,
         "tokenizer_pre": vocab.pre,
         "relative_rms_error": errors,
         "bits_per_weight": bits_per_weight(tensors),
+        **_scaled_rope(model.config, arch),
     }
+
+
+def _scaled_rope(hf: Any, arch: str) -> dict[str, Any]:
+    """The transformers RoPE settings of a scaled model, for the report: transformers' GGUF
+    loader does not read RoPE scaling back, `omniquant.load` takes it from here."""
+    if check_rope_scaling(hf, arch) == "default":
+        return {}
+    return {"rope_scaling": check_rope_scaling(hf, arch), "rope_parameters": rope_parameters(hf)}
 
 
 def write_float_gguf(model: nn.Module, tokenizer: Any, path: Path, dtype: str = "f32") -> None:
