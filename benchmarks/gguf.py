@@ -27,7 +27,9 @@ and per-channel.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import platform
 import re
@@ -42,12 +44,21 @@ ROOT = Path(__file__).resolve().parent.parent
 # this script is named like the `gguf` package: keep its folder off the import path, or
 # `import gguf` (in omniquant and transformers) would import this file
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-RESULTS = Path(__file__).parent / "results" / "gguf.jsonl"
-TOOLS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix")
+RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS = RESULTS_DIR / "gguf.jsonl"
+TOOLS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix", "llama-tokenize")
 CAVEAT = (
     "austen-v1's float model was dequantized from a Q4_1 GGUF: 4-bit groups of 32 (llama.cpp's "
     "Q4_0/Q4_1) are lossless on it for any method; compare at g64/g128 and per-channel."
 )
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """JSON lines, each row stamped with the CPU and the date."""
+    stamp = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({**row, **stamp}) + "\n")
 
 
 def run(cmd: list[str], log: Path | None = None, nice: bool = True) -> str:
@@ -213,6 +224,35 @@ def llama_bench(bins: Path, path: Path, threads: int, repeats: int) -> tuple[flo
     return float(prefill), float(decode)
 
 
+def speed_rounds(
+    bins: Path, files: dict[str, Path], rounds: int, threads: int, repeats: int
+) -> list[dict[str, Any]]:
+    """llama-bench over every file, `rounds` times in rotating order (so drift of the machine's
+    speed falls on all files alike); one row per file with the median and every value."""
+    import statistics
+
+    seen: dict[str, list[tuple[float, float]]] = {label: [] for label in files}
+    labels = list(files)
+    for r in range(rounds):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            seen[label].append(llama_bench(bins, files[label], threads, repeats))
+            print(f"round {r + 1} {label}: prefill/decode {seen[label][-1]}", flush=True)
+    return [
+        {
+            "variant": label,
+            "file": str(files[label]),
+            "prefill_tok_s": round(statistics.median(p for p, _ in values), 1),
+            "decode_tok_s": round(statistics.median(d for _, d in values), 1),
+            "decode_all": [round(d, 1) for _, d in values],
+            "prefill_all": [round(p, 1) for p, _ in values],
+            "rounds": rounds,
+            "llama_bench_repeats": repeats,
+            "threads": threads,
+        }
+        for label, values in seen.items()
+    ]
+
+
 def check_families(bins: Path, work: Path) -> list[dict[str, Any]]:
     """llama.cpp loads and runs a tiny W4A16g64 GGUF of every family we write (random weights,
     a tiny byte-level BPE tokenizer): llama-perplexity over a short text must finish and print
@@ -239,6 +279,179 @@ def check_families(bins: Path, work: Path) -> list[dict[str, Any]]:
         rows.append(
             {"family": family, "llama_perplexity": float(match.group(1)) if match else None}
         )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+TOKENIZER_CASES = [
+    ("llama", "byte-level"),
+    ("llama", "prepend"),
+    ("mistral", "metaspace"),
+    ("phi3", "prepend"),
+    ("gemma3", "no-prefix"),
+]
+
+
+def check_tokenizers(bins: Path, work: Path) -> list[dict[str, Any]]:
+    """llama-tokenize on a tiny GGUF of each tokenizer kind we write (byte-level BPE, and
+    SentencePiece style with each way of spelling spaces) gives the ids transformers' tokenizer
+    gives, on text with repeated spaces, tabs, newlines and characters outside the vocabulary
+    (byte fallback)."""
+    from omniquant.config import WeightQuant
+    from omniquant.formats.gguf import GGUF_FILE, write_gguf
+    from tests.formats.test_gguf import (
+        SAMPLES,
+        TEXT,
+        byte_bpe_tokenizer,
+        gguf_tiny_model,
+        rtn,
+        sentencepiece_tokenizer,
+    )
+
+    rows = []
+    for family, style in TOKENIZER_CASES:
+        folder = work / f"tok-{family}-{style}"
+        folder.mkdir(exist_ok=True)
+        tokenizer = (
+            byte_bpe_tokenizer() if style == "byte-level" else sentencepiece_tokenizer(style)
+        )
+        model = gguf_tiny_model(family, len(tokenizer))
+        path = folder / GGUF_FILE
+        path.unlink(missing_ok=True)
+        write_gguf(model, tokenizer, rtn(model, WeightQuant(4, 32)), path)
+        same = 0
+        texts = [TEXT[:90], *SAMPLES]
+        for text in texts:
+            cmd = [str(bins / "llama-tokenize"), "-m", str(path), "-p", text, "--ids"]
+            out = run([*cmd, "--log-disable"], nice=False)
+            ids = json.loads(out.strip().splitlines()[-1])
+            want = tokenizer(text)["input_ids"]
+            same += ids == want
+            if ids != want:
+                print(f"  {family}/{style} {text!r}: llama.cpp {ids} transformers {want}")
+        rows.append({"family": family, "tokenizer": style, "texts": len(texts), "same_ids": same})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+ROPE_CASES: dict[str, dict[str, Any]] = {
+    "none": {},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+}
+
+
+def llama_cpp_protocol_perplexity(
+    model: Any, ids: list[int], n_ctx: int, chunks: int, bos: int | None
+) -> float:
+    """llama-perplexity's protocol in transformers: windows of n_ctx tokens (the first replaced
+    by BOS when the vocabulary adds one), each scoring its second half."""
+    import torch
+
+    first = n_ctx // 2
+    nll, count = 0.0, 0
+    for i in range(chunks):
+        window = list(ids[i * n_ctx : (i + 1) * n_ctx])
+        if bos is not None:
+            window[0] = bos
+        with torch.no_grad():
+            logits = model(torch.tensor([window])).logits[0].double()
+        logp = torch.log_softmax(logits[first : n_ctx - 1], dim=-1)
+        target = torch.tensor(window[first + 1 : n_ctx])
+        nll -= float(logp.gather(1, target[:, None]).sum())
+        count += n_ctx - 1 - first
+    return math.exp(nll / count)
+
+
+def _rope_row(
+    bins: Path,
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    text: Path,
+    n_ctx: int,
+    chunks: int,
+    threads: int,
+) -> dict[str, Any]:
+    """transformers (llama-perplexity's protocol) and llama-perplexity on one model."""
+    from omniquant.formats.gguf import write_float_gguf
+
+    write_float_gguf(model, tokenizer, path, "f32")
+    ids = tokenizer(text.read_text())["input_ids"]
+    bos = tokenizer.bos_token_id if ids[:1] == [tokenizer.bos_token_id] else None
+    ours = llama_cpp_protocol_perplexity(model, ids, n_ctx, chunks, bos)
+    cmd = [str(bins / "llama-perplexity"), "-m", str(path), "-f", str(text), "-c", str(n_ctx)]
+    out = run([*cmd, "--chunks", str(chunks), "-b", str(n_ctx), "-t", str(threads)])
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    path.unlink()
+    return {
+        "chunks": chunks,
+        "n_ctx": n_ctx,
+        "ppl_transformers": round(ours, 4),
+        "ppl_llama_cpp": float(match.group(1)) if match else None,
+    }
+
+
+def check_rope(
+    bins: Path, work: Path, text: Path, chunks: int, threads: int
+) -> list[dict[str, Any]]:
+    """The embedded SmolLM2 (float32) given each RoPE scaling in its config, written as an f32
+    GGUF: llama-perplexity on Emma must give what transformers gives for the same model under
+    llama-perplexity's protocol (and the scalings must move it: they are in effect). Phi-3's
+    longrope on a tiny random Phi-3 (windows longer than its original context: the long
+    factors and the attention factor)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import omniquant
+    from tests.formats.test_gguf import TEXT, byte_bpe_tokenizer, gguf_tiny_model
+
+    base, tokenizer = omniquant.load(None)
+    rows = []
+    for name, scaling in ROPE_CASES.items():
+        config = copy.deepcopy(base.config)
+        theta = base.config.rope_parameters.get("rope_theta", 10000.0)
+        config.rope_parameters = {"rope_type": "default", "rope_theta": theta, **scaling}
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(base.state_dict())
+        row = _rope_row(
+            bins, work / f"rope-{name}.gguf", model.eval(), tokenizer, text, 512, chunks, threads
+        )
+        rows.append({"model": "SmolLM2-135M", "rope": name, **row})
+        print(json.dumps(rows[-1]), flush=True)
+    tiny_text = work / "tiny-rope.txt"
+    tiny_text.write_text(TEXT * 20)
+    small = byte_bpe_tokenizer()
+    gen = torch.Generator().manual_seed(0)
+    for name in ("none", "longrope"):
+        tiny = gguf_tiny_model("phi3", len(small))
+        tiny.config.max_position_embeddings = 256
+        tiny.config.original_max_position_embeddings = 32
+        if name == "longrope":
+            factors = {
+                k: (1 + 3 * torch.rand(8, generator=gen)).tolist()
+                for k in ("short_factor", "long_factor")
+            }
+            tiny.config.rope_parameters = {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                **factors,
+            }
+        model = AutoModelForCausalLM.from_config(tiny.config, dtype=torch.float32)
+        model.load_state_dict(tiny.state_dict())
+        with torch.no_grad():  # sharper logits: the perplexity then shows the positions
+            model.lm_head.weight.mul_(2.0)
+        row = _rope_row(
+            bins, work / f"rope-phi3-{name}.gguf", model.eval(), small, tiny_text, 64, 8, threads
+        )
+        rows.append({"model": "tiny Phi-3 (random)", "rope": name, **row})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -346,6 +559,28 @@ def main() -> int:
     p.add_argument("--llama-types", default="Q4_1,Q4_0", help="llama-quantize types, comma-sep.")
     p.add_argument("--no-imatrix", action="store_true", help="skip the importance-matrix runs")
     p.add_argument(
+        "--check-tokenizers",
+        action="store_true",
+        help="only compare llama-tokenize's ids with transformers' on tiny GGUFs of each "
+        "tokenizer kind",
+    )
+    p.add_argument(
+        "--check-rope",
+        action="store_true",
+        help="only compare llama-perplexity with transformers (same protocol) on the float model "
+        "under each RoPE scaling we write",
+    )
+    p.add_argument(
+        "--speed",
+        action="append",
+        default=[],
+        metavar="LABEL=FILE",
+        help="only llama-bench these GGUF files, --rounds times in rotating order "
+        "(results/gguf_speed.jsonl)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--speed rounds")
+    p.add_argument("--rope-chunks", type=int, default=8, help="--check-rope windows of 512")
+    p.add_argument(
         "--imatrix-only",
         action="store_true",
         help="only the importance-matrix rows of --llama-types (the plain ones measured before)",
@@ -386,6 +621,21 @@ def main() -> int:
     bins = build_tools(a.cache, a.jobs)
     if a.check_families:
         check_families(bins, a.work)
+        return 0
+    if a.speed:
+        files = {k: Path(v) for k, _, v in (spec.partition("=") for spec in a.speed)}
+        rows = speed_rounds(bins, files, a.rounds, a.threads, a.repeats)
+        append_rows(RESULTS_DIR / "gguf_speed.jsonl", rows)
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if a.check_tokenizers:
+        rows = check_tokenizers(bins, a.work)
+        append_rows(RESULTS_DIR / "gguf_llama_cpp_tokenizers.jsonl", rows)
+        return 0
+    if a.check_rope:
+        rows = check_rope(bins, a.work, text_file(a.work, "austen:emma"), a.rope_chunks, a.threads)
+        append_rows(RESULTS_DIR / "gguf_llama_cpp_rope.jsonl", rows)
         return 0
     emma = text_file(a.work, "austen:emma")
     calib = text_file(a.work, "austen:prideprejudice")

@@ -32,6 +32,10 @@ pytest.importorskip("gguf")
 GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
 SPACE = "\u2581"
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8 + "0123456789 Hello, world!"
+# words over a 5-letter alphabet: merges overlap ("ab"+"c" or "a"+"bc"), so the order in which a
+# tokenizer applies them changes its ids
+_letters = np.random.default_rng(0).integers(0, 5, size=(600, 6))
+WORDS = " ".join("".join("abcde"[i] for i in row[: 3 + k % 4]) for k, row in enumerate(_letters))
 
 
 def byte_bpe_tokenizer() -> PreTrainedTokenizerFast:
@@ -63,7 +67,8 @@ def sentencepiece_tokenizer(style: str = "prepend") -> PreTrainedTokenizerFast:
 
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pt.Metaspace()
-    learner.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False)
+    learner.train_from_iterator([TEXT, WORDS], trainer)
     learned = json.loads(learner.to_str())["model"]
     specials = ["<unk>", "<s>", "</s>"]
     vocab = {p: i for i, p in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
@@ -406,6 +411,7 @@ def test_an_approximate_mapping_is_written_only_on_request_with_its_error(tmp_pa
 
 SAMPLES = [
     "the quick brown fox",
+    WORDS[:200],
     "two  spaces, a tab\tand\na newline",
     "café, 日本語 and ünïcödé outside the vocabulary",
     "Hello, world! 0123456789 the lazy dog.",
