@@ -33,6 +33,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results" / "inference.jsonl"
 VARIANTS = ["float32", "bfloat16", "W8A16", "W4A16g128", "W3A16g128"]
+HALF_HEAD = "+f16head"  # suffix of a packed variant: its head in float16
 PACKED = {"W8A16": (8, None), "W4A16g128": (4, 128), "W3A16g128": (3, 128)}
 PREFILL, DECODE = 512, 128
 
@@ -111,13 +112,22 @@ def file_sizes(cache: Path, variants: list[str], shape: Path | None) -> dict[str
     return sizes
 
 
+def base_variant(variant: str) -> tuple[str, str]:
+    """("W4A16g128", "float16") for "W4A16g128+f16head" (a packed variant whose output head is
+    kept in float16, `omniquant.kernels.head`); (variant, "float32") otherwise."""
+    if variant.endswith(HALF_HEAD):
+        return variant[: -len(HALF_HEAD)], "float16"
+    return variant, "float32"
+
+
 def load_variant(variant: str, cache: Path, device: str, shape: Path | None) -> torch.nn.Module:
     from omniquant import api
     from omniquant.model_io import load_model
 
+    variant, head = base_variant(variant)
     if variant in PACKED:
         folder = packed_folder(cache, variant, shape)
-        return api.load(folder, kernels=True, device=device)[0]
+        return api.load(folder, kernels=True, device=device, head=head)[0]
     model = random_model(shape) if shape is not None else load_model("smollm2")[0]
     return model.to(device, getattr(torch, variant))
 
@@ -338,8 +348,8 @@ def main() -> int:
         return 0
     write_prompt(a.cache, a.shape)
     for variant in a.variants.split(","):
-        if variant in PACKED:  # quantize outside the measured process
-            packed_folder(a.cache, variant, a.shape)
+        if base_variant(variant)[0] in PACKED:  # quantize outside the measured process
+            packed_folder(a.cache, base_variant(variant)[0], a.shape)
     a.results.parent.mkdir(parents=True, exist_ok=True)
     for variant in a.variants.split(","):
         cmd = [sys.executable, __file__, "--child", variant, "--threads", str(a.threads)]

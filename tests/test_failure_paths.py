@@ -510,3 +510,13 @@ def test_gguf_cache_folder_follows_the_content_not_the_place(tmp_path, monkeypat
     assert gguf_cache_folder(a).parent == tmp_path / "cache"
     b.write_bytes(b"GGUF" + bytes(range(256)) * 63)
     assert gguf_cache_folder(a) != gguf_cache_folder(b)
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "Emma"]])
+def test_a_float16_head_without_the_kernels_is_refused_before_loading(
+    capsys, tmp_path, command
+):
+    missing = tmp_path / "not-there"  # refused before anything is read
+    rc, _, err = run(capsys, command[0], missing, *command[1:], "--head", "float16")
+    assert rc == 2
+    assert "--head float16" in err and "add --kernels" in err

@@ -66,7 +66,10 @@ def test_generate_refuses_bad_settings_with_a_clear_error(tiny_llama_folder, arg
 
 
 @pytest.mark.skipif(not AUSTEN_RDB.exists(), reason="needs the Austen corpus")
-def test_compiled_generation_through_the_int4_kernels_matches_eager(tiny_llama_folder, tmp_path):
+@pytest.mark.parametrize("head", ["float32", "float16"])
+def test_compiled_generation_through_the_int4_kernels_matches_eager(
+    tiny_llama_folder, tmp_path, head
+):
     from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
     from omniquant.kernels.linear import QuantLinear
 
@@ -74,8 +77,9 @@ def test_compiled_generation_through_the_int4_kernels_matches_eager(tiny_llama_f
     api.quantize(
         tiny_llama_folder, config, output=tmp_path / "q", format="omniquant-packed", progress=False
     )
-    model, tokenizer = api.load(tmp_path / "q", kernels=True)
+    model, tokenizer = api.load(tmp_path / "q", kernels=True, head=head)
     assert any(isinstance(m, QuantLinear) and m.path == "int4" for m in model.modules())
+    assert (type(model.lm_head).__name__ == "HalfHead") == (head == "float16")
     model.generation_config.eos_token_id = None
     eager = generate(model, tokenizer, "Captain Wentworth", max_new_tokens=6)
     compiled = generate(model, tokenizer, "Captain Wentworth", max_new_tokens=6, compile=True)

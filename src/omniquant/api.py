@@ -42,6 +42,7 @@ from omniquant.formats import (
 )
 from omniquant.formats.gguf import GGUF_FILE, GgufOptions, check_gguf_tokenizer
 from omniquant.formats.packed import load_packed, use_kernels
+from omniquant.kernels.head import HEAD_DTYPES, use_half_head
 from omniquant.memory import parameters_on_meta
 from omniquant.model_io import folder_quantization, load_config, load_model, one_line, save_model
 from omniquant.models import block_linears, decoder_layers, get_architecture, get_module
@@ -754,16 +755,18 @@ def measure_perplexity(
     batch_size: int = 4,
     progress: bool = True,
     kernels: bool = False,
+    head: str = "float32",
 ) -> PerplexityResult:
     """`evaluate`, with the text and the windows it was measured on."""
     check_eval_settings(seqlen, max_windows, batch_size)
     check_device(device)
+    check_head(head, kernels)
     given = isinstance(model, nn.Module)
     if given and kernels:
         raise ConfigError("kernels=True needs a model path; or pass load(path, kernels=True)[0]")
     text = load_text(dataset, split=EVAL_SPLITS.get(dataset, "train"))  # before the model
     if not given:
-        model, tokenizer = load(model, kernels=kernels, device=device, progress=progress)
+        model, tokenizer = load(model, kernels=kernels, device=device, progress=progress, head=head)
     if tokenizer is None:
         raise ModelError("pass the tokenizer with a model object: evaluate(model, tokenizer=...)")
     windows = eval_windows(
@@ -789,6 +792,7 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
     kernels: bool = False,
+    head: str = "float32",
 ) -> float:
     """Perplexity per the austen-v1 protocol (defaults) or on another text source.
 
@@ -804,6 +808,7 @@ def evaluate(
         batch_size=batch_size,
         progress=progress,
         kernels=kernels,
+        head=head,
     ).perplexity
 
 
@@ -812,14 +817,18 @@ def load(
     kernels: bool = False,
     device: str = "cpu",
     progress: bool = False,
+    head: str = "float32",
 ) -> tuple[nn.Module, Any]:
     """Load a model folder written by `quantize` or `export` (or any model `load_model` takes):
     (model, tokenizer), with its activation quantizers attached where the run had them.
 
     kernels=True runs every quantized linear through `QuantLinear` (int4 / int8 kernels, or
     unpacking on the fly), from an omniquant-packed folder or a fake-quantized one with its grids.
+    head="float16" (with kernels=True) keeps the output head, and an embedding tied to it, in
+    float16 (`kernels.head`): half its bytes, and on the CPU a 3x faster decode step for it.
     """
     check_device(device)
+    check_head(head, kernels)
     folder = Path(str(path)) if path is not None else None
     record = read_run_record(folder) if folder is not None and folder.is_dir() else None
     config = record_config(record) if record is not None else None
@@ -836,6 +845,8 @@ def load(
             prepare=lambda m: attach_act_quantizers_all(m, config),
             progress=progress,
         )
+        if head == "float16":
+            use_half_head(model)
         return model.to(device), tokenizer
     model, tokenizer = load_model(path)
     if folder is not None and config is not None and fmt == "fake":
@@ -847,8 +858,18 @@ def load(
             f"{path}: --kernels found no quantization grids (quant_grids.safetensors) to run; "
             f"export the folder with --format omniquant-packed and use that"
         )
+    if head == "float16":
+        use_half_head(model)
     model.to(device)
     return model, tokenizer
+
+
+def check_head(head: str, kernels: bool) -> None:
+    """Refuse an unknown head dtype, or a float16 head without the kernels."""
+    if head not in HEAD_DTYPES:
+        raise ConfigError(f"head must be one of {', '.join(HEAD_DTYPES)}, got {head!r}")
+    if head == "float16" and not kernels:
+        raise ConfigError("a float16 head (--head float16) runs with the kernels: add --kernels")
 
 
 def _gguf_rope_parameters(folder: Path) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
 from omniquant.formats import FORMATS
 from omniquant.formats.gguf import APPROXIMATE_TYPES, FLOAT_TYPES, GgufOptions
 from omniquant.generate import check_prompt
+from omniquant.kernels.head import HEAD_DTYPES
 from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval
 from omniquant.schedule import SCHEDULES
@@ -87,6 +88,17 @@ def _add_eval_data(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d["eval_batch_size"],
         help=f"windows per forward pass (default {d['eval_batch_size']})",
+    )
+
+
+def _add_head(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--head",
+        choices=HEAD_DTYPES,
+        default="float32",
+        help="with --kernels: keep the output head (and an embedding tied to it) in float16, as "
+        "llama.cpp's f16 output does: half its bytes and, on the CPU, a faster decode step; the "
+        "logits then carry float16 rounding (default float32)",
     )
 
 
@@ -447,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the quantized model as it runs with the integer kernels (bf16 activations) "
         "instead of its fake-quantized float form (quantized folders only)",
     )
+    _add_head(e)
     _add_runtime(e)
 
     r = sub.add_parser(
@@ -502,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run quantized linears through the int4/int8 kernels (quantized folders only)",
     )
+    _add_head(g)
     g.add_argument(
         "--compile",
         action="store_true",
@@ -689,8 +703,9 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
         batch_size=a.eval_batch_size,
         progress=not a.quiet,
         kernels=a.kernels,
+        head=a.head,
     )
-    result = {**ppl.to_dict(), "kernels": a.kernels}
+    result = {**ppl.to_dict(), "kernels": a.kernels, "head": a.head}
     print(json.dumps({"model": a.model, **result}))
     return result
 
@@ -698,7 +713,10 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
 def _zeroshot(a: argparse.Namespace) -> dict[str, object]:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     require_lm_eval()  # before loading the model
-    model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device, progress=not a.quiet)
+    api.check_head(a.head, a.kernels)
+    model, tokenizer = api.load(
+        a.model, kernels=a.kernels, device=a.device, progress=not a.quiet, head=a.head
+    )
     metrics = zeroshot(
         model,
         tokenizer,
@@ -764,7 +782,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from omniquant.generate import generate
 
     check_prompt(a.prompt)
-    model, tokenizer = api.load(a.model, kernels=a.kernels, device=a.device, progress=not a.quiet)
+    api.check_head(a.head, a.kernels)
+    model, tokenizer = api.load(
+        a.model, kernels=a.kernels, device=a.device, progress=not a.quiet, head=a.head
+    )
     torch.manual_seed(a.seed)
     generate(
         model,
