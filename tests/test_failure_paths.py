@@ -513,9 +513,7 @@ def test_gguf_cache_folder_follows_the_content_not_the_place(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "Emma"]])
-def test_a_float16_head_without_the_kernels_is_refused_before_loading(
-    capsys, tmp_path, command
-):
+def test_a_float16_head_without_the_kernels_is_refused_before_loading(capsys, tmp_path, command):
     missing = tmp_path / "not-there"  # refused before anything is read
     rc, _, err = run(capsys, command[0], missing, *command[1:], "--head", "float16")
     assert rc == 2
