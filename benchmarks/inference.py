@@ -10,9 +10,12 @@ thread count and reports:
   decode tok/s  128 new tokens one at a time with the KV cache, batch 1 (median of --repeats)
 The packed variants are round-to-nearest quantizations written as omniquant-packed and loaded
 with `omniquant.load(path, kernels=True)`: speed and size do not depend on how the grid was
-calibrated, so RTN stands in for OmniQuant here (same layout, same kernels).
+calibrated, so RTN stands in for OmniQuant here (same layout, same kernels). A packed variant
+with the suffix "+f16head" (W4A16g128+f16head) keeps its output head in float16
+(`omniquant.kernels.head`).
 
   python benchmarks/inference.py --threads 2 --repeats 3
+  python benchmarks/inference.py --compile --variants W4A16g128,W4A16g128+f16head
   python benchmarks/inference.py --table
 """
 
