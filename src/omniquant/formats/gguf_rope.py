@@ -107,14 +107,13 @@ def _supported() -> str:
     return ", ".join(f"{k} ({'/'.join(v)})" for k, v in SCALING_ARCHES.items())
 
 
-def llama3_frequency_divisors(rope: dict[str, Any], dims: int) -> np.ndarray:
+def llama3_frequency_divisors(rope: dict[str, Any], dims: int, original: int) -> np.ndarray:
     """llama3 scaling as one divisor per frequency pair: wavelengths shorter than the original
     context / high_freq_factor keep their frequency (1), those longer than original /
     low_freq_factor are divided by `factor`, and those between blend the two."""
     factor = float(rope["factor"])
     low = float(rope.get("low_freq_factor", 1.0))
     high = float(rope.get("high_freq_factor", 4.0))
-    original = float(rope["original_max_position_embeddings"])
     theta = float(rope.get("rope_theta", 10000.0))
     freqs = 1.0 / theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
     wavelen = 2 * math.pi / freqs
@@ -157,7 +156,8 @@ def rope_tensors(hf: Any, arch: str, dims: int) -> dict[str, np.ndarray]:
     rope = full_attention_rope(hf)
     kind = check_rope_scaling(hf, arch)
     if kind == "llama3":
-        return {"rope_freqs.weight": llama3_frequency_divisors(rope, dims)}
+        original = original_context(hf, rope)
+        return {"rope_freqs.weight": llama3_frequency_divisors(rope, dims, original)}
     if kind == "longrope":
         out = {}
         for which in ("long", "short"):
