@@ -19,22 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from scale import cpu_name  # benchmarks/scale.py
+
 HERE = Path(__file__).resolve().parent
 BINS = Path.home() / ".cache" / "omniquant" / "gguf-bench" / "build" / "bin"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def ours(variant: str, threads: int, repeats: int, results: Path) -> float:

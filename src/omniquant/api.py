@@ -825,7 +825,8 @@ def load(
     kernels=True runs every quantized linear through `QuantLinear` (int4 / int8 kernels, or
     unpacking on the fly), from an omniquant-packed folder or a fake-quantized one with its grids.
     head="float16" (with kernels=True) keeps the output head, and an embedding tied to it, in
-    float16 (`kernels.head`): half its bytes, and on the CPU a 3x faster decode step for it.
+    float16 (`kernels.head`): half its bytes, and on the CPU a decode step's head product about
+    3x faster.
     """
     check_device(device)
     check_head(head, kernels)

@@ -713,7 +713,6 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
 def _zeroshot(a: argparse.Namespace) -> dict[str, object]:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     require_lm_eval()  # before loading the model
-    api.check_head(a.head, a.kernels)
     model, tokenizer = api.load(
         a.model, kernels=a.kernels, device=a.device, progress=not a.quiet, head=a.head
     )
@@ -782,7 +781,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from omniquant.generate import generate
 
     check_prompt(a.prompt)
-    api.check_head(a.head, a.kernels)
     model, tokenizer = api.load(
         a.model, kernels=a.kernels, device=a.device, progress=not a.quiet, head=a.head
     )

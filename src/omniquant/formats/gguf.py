@@ -50,6 +50,7 @@ from omniquant.formats.gguf_rope import (
     add_rope_scaling,
     check_rope_scaling,
     full_attention_rope,
+    original_context,
     rope_parameters,
     rope_tensors,
 )
@@ -353,17 +354,14 @@ def add_metadata(writer: Any, hf: Any, arch: str, name: str, file_type: int) -> 
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(hf.rms_norm_eps)
     writer.add_vocab_size(hf.vocab_size)
-    full = rope.get("full_attention", rope.get("default", {}))
+    full = full_attention_rope(hf)
     writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
     add_rope_scaling(writer, hf, arch)
     if arch == "phi3":
         writer.add_rope_dimension_count(rope_dims(hf, arch))
-        original = full.get("original_max_position_embeddings") or getattr(
-            hf, "original_max_position_embeddings", hf.max_position_embeddings
-        )
-        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_rope_scaling_orig_ctx_len(original_context(hf, full))
         writer.add_sliding_window(getattr(hf, "sliding_window", None) or 0)
     if arch == "gemma3":
         layer_types = list(getattr(hf, "layer_types", None) or [])
@@ -579,9 +577,10 @@ def write_gguf(
 def _scaled_rope(hf: Any, arch: str) -> dict[str, Any]:
     """The transformers RoPE settings of a scaled model, for the report: transformers' GGUF
     loader does not read RoPE scaling back, `omniquant.load` takes it from here."""
-    if check_rope_scaling(hf, arch) == "default":
+    kind = check_rope_scaling(hf, arch)
+    if kind == "default":
         return {}
-    return {"rope_scaling": check_rope_scaling(hf, arch), "rope_parameters": rope_parameters(hf)}
+    return {"rope_scaling": kind, "rope_parameters": rope_parameters(hf)}
 
 
 def write_float_gguf(model: nn.Module, tokenizer: Any, path: Path, dtype: str = "f32") -> None:

@@ -2,15 +2,16 @@
 
 Once the decoder blocks' linears are int4, a small model's decode step is dominated by its
 output head: SmolLM2-135M's (49152 x 576, float32, tied to the embedding) is 113 MB read per
-token, twice the int4 blocks' 56 MB, and takes 8.1 ms of a 15 ms step on 2 CPU threads; in
-float16 it takes 2.5 ms. llama.cpp stores the head the same way by default (f16 "output").
+token, twice the int4 blocks' 56 MB, and its product takes 7.9 ms of a 24.6 ms compiled step
+on 2 CPU threads; in float16 it takes 2.7 ms (`benchmarks/head_matmul.py`). llama.cpp stores
+the head the same way by default (f16 "output").
 
 `HalfHead` keeps the head's weight in float16 and
   * for a few rows (decoding: at most `DECODE_ROWS` tokens per call) multiplies in float16 (the
     logits then carry float16 rounding: about 4e-4 of the largest logit);
   * for more rows (a prompt) upcasts the weight, `UPCAST_ROWS` output rows at a time, and
     multiplies in float32, because the CPU's float16 matrix product is slower than float32 there
-    (512 rows: 1.27 s against 0.27 s).
+    (512 rows: 1.29 s against 0.25 s).
 A tied input embedding (a plain `nn.Embedding`) reads the same float16 weight (`HalfEmbedding`),
 so the model holds the matrix once, in half the bytes; an embedding of another kind (Gemma's
 scaled one, say) keeps its own float32 weight.
