@@ -20,6 +20,8 @@ FLAGS = [
     "--lwc-lr",
     "--let-lr",
     "--wd",
+    "--e2e-epochs",
+    "--e2e-lr",
     "--aug-loss",
     "--seed",
     "--device",
@@ -174,6 +176,10 @@ def test_every_flag_reaches_the_config():
     )
     assert (k.aug_loss, k.loss, k.seed) == (True, "token-normalized", 5)
     assert (k.val_samples, k.patience, k.shuffle) == (2, 3, True)
+    e2e = config_from_args(
+        build_parser().parse_args(["quantize", "--e2e-epochs", "2", "--e2e-lr", "0.005"])
+    )
+    assert (e2e.calib.e2e_epochs, e2e.calib.e2e_lr) == (2, 0.005)
 
 
 @needs_austen

@@ -352,6 +352,8 @@ def test_saved_perplexity_records_its_windows_and_reports_show_them(runs, tmp_pa
     [
         (["quantize", "--let-lr", "0.1"], "--let-lr only applies with --let"),
         (["quantize", "--let-alpha", "0.6"], "--let-alpha only applies with --let"),
+        (["quantize", "--e2e-lr", "0.01"], "--e2e-lr only applies with --e2e-epochs"),
+        (["quantize", "--e2e-epochs", "1", "--abits", "8"], "trains weight-only models"),
         (["quantize", "--eval-windows", "3"], "--eval-windows only applies with --eval"),
         (["quantize", "--eval-dataset", "austen:emma", "--eval-seqlen", "64"], "--eval-seqlen"),
         (["eval", "--limit", "5"], "--limit only applies with --tasks"),

@@ -31,6 +31,7 @@ from omniquant.calibrate import BlockReport, LoopMemory, Runtime, StateStore, ca
 from omniquant.capture import CapturedInputs, capture_block_inputs
 from omniquant.config import OmniQuantConfig
 from omniquant.data import bos_token_id, calibration_windows, eval_windows, load_text, tokenize_text
+from omniquant.end_to_end import teacher_targets, train_step_sizes
 from omniquant.errors import ConfigError, ModelError, OutputError
 from omniquant.eval.perplexity import perplexity
 from omniquant.formats import (
@@ -412,7 +413,7 @@ def quantize(
     runtime = runtime_for(device, dtype, progress)
     out = Path(output) if output is not None else None
     if stream:
-        check_stream_settings(model, out, fmt)
+        check_stream_settings(model, out, fmt, config)
     partial = _prepare_output(out, resume)
     model_name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     source = None
@@ -465,12 +466,15 @@ def quantize(
     try:
         val_batches = config.calib.val_windows // config.calib.batch_size
         weights = None
+        teacher = None  # the float model's targets for the end-to-end stage's distillation
         if source is not None:
             assert partial is not None
             writer = ShardWriter(partial / OUTPUT_STAGE)
             weights = StreamedBlocks(model, arch.layers, source, writer)
             captured = _capture_streamed(model, blocks, batches, runtime, source, arch)
         else:
+            if config.calib.e2e_epochs and config.calib.e2e_loss == "distill":
+                teacher = teacher_targets(model, batches, config.calib.e2e_topk, runtime)
             captured = capture_block_inputs(model, blocks, batches, runtime.device)
         reports = calibrate_blocks(
             blocks,
@@ -491,8 +495,16 @@ def quantize(
         del captured
         if config.quantize_lm_head and source is None:
             quantize_lm_head(model, config, arch.lm_head)
+        e2e = None
+        if config.calib.e2e_epochs:
+            n_val = len(batches) - val_batches
+            train, val = batches[:n_val], batches[n_val:]
+            e2e = train_step_sizes(model, train, val, config.calib, runtime, teacher)
+            del teacher
         seconds = time.perf_counter() - t0
         report = build_report(model_name, arch.name, config, runtime, reports, seconds)
+        if e2e is not None:
+            report["end_to_end"] = e2e.to_dict()
         report["memory"] = memory_report(plan, budget, runtime, config)
         log.info("calibrated %d blocks in %.1f s", len(reports), seconds)
         if source is not None and out is not None and partial is not None:
@@ -510,9 +522,16 @@ def quantize(
     return QuantizeResult(model, tokenizer, report, out)
 
 
-def check_stream_settings(model: Any, out: Path | None, fmt: str) -> None:
+def check_stream_settings(
+    model: Any, out: Path | None, fmt: str, config: OmniQuantConfig | None = None
+) -> None:
     """What --stream needs: a model path, an output folder (the blocks are written there as
-    they finish) and the fake format (packed formats are written from a whole model)."""
+    they finish) and the fake format (packed formats are written from a whole model); no
+    end-to-end stage (it trains the whole model at once)."""
+    if config is not None and config.calib.e2e_epochs:
+        raise ConfigError(
+            "--e2e-epochs trains the whole model at once, which --stream never holds: drop one"
+        )
     if isinstance(model, nn.Module):
         raise ConfigError("stream=True reads the weights from disk: pass a model path, not a model")
     if out is None:

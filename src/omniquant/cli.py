@@ -291,6 +291,41 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         "reference code), cosine or linear decay towards zero, so the last steps of a block "
         f"move parameters less (default {d.lr_schedule})",
     )
+    p.add_argument(
+        "--e2e-epochs",
+        type=int,
+        default=d.e2e_epochs,
+        help="after the block loop, train every quantized linear's scales together, end to end, "
+        "on the next-token loss of the calibration windows for this many epochs (EfficientQAT's "
+        "E2E-QP; codes and zero points stay, so every format stores the result exactly). "
+        "Guarded by the held-out windows: the best epoch is kept, never a worse model than the "
+        "block loop's. Weight-only settings, not with --stream; the whole model goes to "
+        f"--device for it (default {d.e2e_epochs} = off)",
+    )
+    p.add_argument(
+        "--e2e-lr",
+        type=float,
+        default=d.e2e_lr,
+        help="learning rate of --e2e-epochs, relative: each scale h0 (1 + t) moves by about this "
+        f"fraction per step, decayed by a cosine (default {d.e2e_lr:g})",
+    )
+    p.add_argument(
+        "--e2e-loss",
+        choices=["distill", "next-token"],
+        default=d.e2e_loss,
+        help="loss of --e2e-epochs: distill = cross-entropy to the float model's next-token "
+        "distribution (its --e2e-topk most likely tokens, taken before the block loop): it "
+        "recovers the float model; next-token = the calibration text's own tokens: it also "
+        "adapts the model to that text, which helps text like it and less other text "
+        f"(default {d.e2e_loss})",
+    )
+    p.add_argument(
+        "--e2e-topk",
+        type=int,
+        default=d.e2e_topk,
+        help=f"tokens of the float model's distribution that --e2e-loss distill keeps per "
+        f"position (default {d.e2e_topk})",
+    )
     p.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (default {d.wd})")
     p.add_argument(
         "--zero-point-grad",
@@ -580,6 +615,10 @@ def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
             patience=a.patience,
             activation_dtype=a.activation_dtype,
             recompute=a.recompute,
+            e2e_epochs=a.e2e_epochs,
+            e2e_lr=a.e2e_lr,
+            e2e_loss=a.e2e_loss,
+            e2e_topk=a.e2e_topk,
         ),
         quantize_lm_head=a.quantize_lm_head,
     )
@@ -606,6 +645,12 @@ def check_quant_flags(a: argparse.Namespace) -> None:
     if not a.let:
         let_flags = changed_flags(a, {"let_alpha": None, "let_lr": CalibConfig().let_lr})
         refuse_unused(let_flags, "only {verb} with --let: add --let, or drop it")
+    if not a.e2e_epochs:
+        d = CalibConfig()
+        e2e_flags = changed_flags(
+            a, {"e2e_lr": d.e2e_lr, "e2e_loss": d.e2e_loss, "e2e_topk": d.e2e_topk}
+        )
+        refuse_unused(e2e_flags, "only {verb} with --e2e-epochs: add it, or drop it")
     if a.method == "omniquant" and a.epochs == 0:
         raise ConfigError(
             "--epochs 0 trains nothing: the result would be the untrained clipping start, not "

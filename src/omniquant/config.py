@@ -121,6 +121,11 @@ class CalibConfig:
     # the dtype the block loop stores the chains' activations in between blocks (activations.py)
     activation_dtype: Literal["float32", "bfloat16"] = "float32"
     recompute: bool = True  # Q(W) recomputed in backward, not kept (quant/recompute.py)
+    # after the block loop: every linear's scales trained end to end (end_to_end.py)
+    e2e_epochs: int = 0  # 0: no end-to-end stage
+    e2e_lr: float = 1e-3  # relative: a scale h0 (1 + t) moves by about this fraction per step
+    e2e_loss: Literal["distill", "next-token"] = "distill"  # to the float model / the text
+    e2e_topk: int = 64  # the float model's most likely tokens the distillation loss keeps
 
     def __post_init__(self) -> None:
         if self.method not in ("omniquant", "rtn"):
@@ -141,9 +146,13 @@ class CalibConfig:
             raise ConfigError(
                 f"activation_dtype must be 'float32' or 'bfloat16', got {self.activation_dtype!r}"
             )
+        if self.e2e_loss not in ("distill", "next-token"):
+            raise ConfigError(f"e2e_loss must be 'distill' or 'next-token', got {self.e2e_loss!r}")
+        if self.e2e_topk < 1:
+            raise ConfigError(f"e2e_topk must be >= 1, got {self.e2e_topk}")
         if self.loss not in ("mse", "token-normalized"):
             raise ConfigError(f"loss must be 'mse' or 'token-normalized', got {self.loss!r}")
-        for name in ("epochs", "max_nan_retries", "patience"):
+        for name in ("epochs", "max_nan_retries", "patience", "e2e_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("nsamples", "batch_size"):
@@ -155,7 +164,7 @@ class CalibConfig:
             raise ConfigError(
                 f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})"
             )
-        for name in ("lwc_lr", "let_lr"):
+        for name in ("lwc_lr", "let_lr", "e2e_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.weight_bound is not None and not self.weight_bound > 0:
@@ -178,9 +187,10 @@ class CalibConfig:
 
     @property
     def val_windows(self) -> int:
-        """Held-out windows for the guard: `val_samples`, or by default an eighth of `nsamples`
-        (at least one batch), none when nothing is trained."""
-        if not self.trains:
+        """Held-out windows for the guards (the block loop's and the end-to-end stage's):
+        `val_samples`, or by default an eighth of `nsamples` (at least one batch), none when
+        nothing is trained."""
+        if not self.trains and not self.e2e_epochs:
             return 0
         if self.val_samples is not None:
             return self.val_samples
@@ -195,6 +205,13 @@ class OmniQuantConfig:
     act: ActQuant = field(default_factory=ActQuant)
     calib: CalibConfig = field(default_factory=CalibConfig)
     quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.calib.e2e_epochs and self.act.enabled:
+            raise ConfigError(
+                f"the end-to-end stage (e2e_epochs={self.calib.e2e_epochs}) trains weight-only "
+                f"models; drop it or quantize weights only (abits 16, not {self.act.bits})"
+            )
 
     @property
     def label(self) -> str:

@@ -214,6 +214,7 @@ def run_summary(report: dict[str, Any]) -> list[str]:
         ),
         ("NaN events", str(report.get("nan_events", 0))),
         ("guard", guard_summary(report)),
+        ("end-to-end scales", end_to_end_summary(report)),
         ("versions", versions or "—"),
     ]
     return ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in facts)]
@@ -231,6 +232,27 @@ def guard_summary(report: dict[str, Any]) -> str:
         f"{report.get('val_windows', '?')} held-out windows, patience "
         f"{calib.get('patience')}; fell back: {', '.join(fell_back) or 'none'}; "
         f"stopped early: {stopped} blocks"
+    )
+
+
+def end_to_end_summary(report: dict[str, Any]) -> str:
+    """What the end-to-end stage (end_to_end.py) did: its held-out loss and whether it kept
+    its starting scales."""
+    e2e = report.get("end_to_end")
+    if not e2e:
+        return "off"
+    losses = e2e.get("val_losses") or []
+    if not losses:
+        held = "no held-out windows"
+    elif e2e.get("fell_back"):
+        held = f"held-out {fmt(losses[0])}, epochs {', '.join(fmt(v) for v in losses[1:])}: "
+        held += "**kept the starting scales**"
+    else:
+        held = f"held-out {fmt(losses[0])} → {fmt(losses[e2e['best_epoch']])} "
+        held += f"(epoch {e2e['best_epoch']})"
+    return (
+        f"{e2e['scales']} scales of {e2e['linears']} linears, {e2e['epochs']} epochs, lr "
+        f"{e2e['lr']:g}; {held}; {e2e['seconds']:.1f} s, NaN events {e2e['nan_events']}"
     )
 
 
