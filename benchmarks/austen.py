@@ -135,6 +135,8 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             # the guard's held-out loss at the start and after folding (NaN: no held-out windows)
             val_before=[b["val_losses"][0] if b["val_losses"] else None for b in blocks],
             val_after=[b["val_loss_after"] for b in blocks],
+            # the end-to-end stage (--set e2e_epochs=N): held-out losses, fell_back, seconds
+            end_to_end=result.report.get("end_to_end"),
         )
     windows = {"device": a.device, "max_windows": a.eval_windows, "progress": False}
     ppl = api.evaluate(model, tokenizer=tokenizer, **windows)
@@ -170,8 +172,14 @@ def _zeroshot_cell(r: dict[str, object]) -> str:
 def _method_label(r: dict[str, object]) -> str:
     if r["method"] == "omniquant":
         label = "OmniQuant (LWC + LET)" if r.get("let") else "OmniQuant (LWC)"
-        return label + (" + weight training" if r.get("weight_lr") else "")
-    return {"float": "float", "rtn": "RTN", "smoothquant": "SmoothQuant-style + RTN"}[r["method"]]
+        label += " + weight training" if r.get("weight_lr") else ""
+    else:
+        names = {"float": "float", "rtn": "RTN", "smoothquant": "SmoothQuant-style + RTN"}
+        label = names[str(r["method"])]
+    e2e = r.get("end_to_end")
+    if isinstance(e2e, dict):
+        label += f" + end-to-end scales ({e2e['loss']}, {e2e['epochs']} ep.)"
+    return label
 
 
 def _weight_lr_cell(r: dict[str, object]) -> str:

@@ -306,8 +306,8 @@ def train_step_sizes(
                     break
             if report.nan_events > cfg.max_nan_retries:
                 log.warning(
-                    "end-to-end: the loss was non-finite %d times; stopping with the best scales "
-                    "so far",
+                    "end-to-end: the loss was non-finite %d times; stopping (with held-out "
+                    "windows, with the best epoch's scales, else the last finite step's)",
                     report.nan_events,
                 )
                 break
