@@ -22,6 +22,8 @@ FLAGS = [
     "--wd",
     "--e2e-epochs",
     "--e2e-lr",
+    "--e2e-loss",
+    "--e2e-topk",
     "--aug-loss",
     "--seed",
     "--device",
@@ -177,9 +179,24 @@ def test_every_flag_reaches_the_config():
     assert (k.aug_loss, k.loss, k.seed) == (True, "token-normalized", 5)
     assert (k.val_samples, k.patience, k.shuffle) == (2, 3, True)
     e2e = config_from_args(
-        build_parser().parse_args(["quantize", "--e2e-epochs", "2", "--e2e-lr", "0.005"])
+        build_parser().parse_args(
+            [
+                "quantize",
+                "--output",
+                "x",
+                "--e2e-epochs",
+                "2",
+                "--e2e-lr",
+                "0.005",
+                "--e2e-loss",
+                "next-token",
+                "--e2e-topk",
+                "8",
+            ]
+        )
     )
     assert (e2e.calib.e2e_epochs, e2e.calib.e2e_lr) == (2, 0.005)
+    assert (e2e.calib.e2e_loss, e2e.calib.e2e_topk) == ("next-token", 8)
 
 
 @needs_austen

@@ -19,7 +19,7 @@ The guard, as in the block loop (`guard.Guard`): the held-out windows (the block
 windows) are scored before training and after every epoch; the best epoch's scales are kept,
 training stops after `patience` epochs without a better held-out loss, and when no epoch beats the
 start the model keeps its starting scales and the report says so. A non-finite loss skips its
-step; after `max_nan_retries` of them the stage stops with the best scales so far.
+step; after `max_nan_retries` of them the stage stops and the guard puts the best epoch back.
 """
 
 from __future__ import annotations
