@@ -1,5 +1,7 @@
 """`omniquant demo` on a tiny model: float, RTN and OmniQuant rows with two perplexity columns."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -69,6 +71,12 @@ def test_the_recipe_line_and_the_method_switch():
         with_method(config, "rtn").calib.method == "rtn"
         and with_method(config, "rtn").weight == config.weight
     )
+    e2e = replace(config, calib=replace(config.calib, e2e_epochs=1, e2e_lr=0.002))
+    assert recipe(e2e).startswith(
+        "LWC + weight training (lr 0.007 steps) + end-to-end scales (distill, lr 0.002, 1 epochs)"
+    )
+    assert with_method(e2e, "rtn").calib.e2e_epochs == 0  # the baseline stays plain RTN
+    assert with_method(e2e, "omniquant").calib.e2e_epochs == 1
 
 
 def test_demo_table_formats_one_column_per_text():

@@ -45,8 +45,10 @@ class DemoRow:
 
 
 def with_method(config: OmniQuantConfig, method: str) -> OmniQuantConfig:
-    """The same run with another calibration method ("rtn" or "omniquant")."""
-    return replace(config, calib=replace(config.calib, method=method))
+    """The same run with another calibration method ("rtn" or "omniquant"); the RTN baseline
+    without the end-to-end stage (plain round-to-nearest)."""
+    e2e = config.calib.e2e_epochs if method == "omniquant" else 0
+    return replace(config, calib=replace(config.calib, method=method, e2e_epochs=e2e))
 
 
 def demo_rows(
@@ -83,6 +85,8 @@ def recipe(config: OmniQuantConfig) -> str:
         parts.append(f"weight training (lr {c.weight_lr:g} steps{bound})")
     if c.lr_schedule != "constant":
         parts.append(f"{c.lr_schedule} lr")
+    if c.e2e_epochs:
+        parts.append(f"end-to-end scales ({c.e2e_loss}, lr {c.e2e_lr:g}, {c.e2e_epochs} epochs)")
     guard = f"guard on {c.val_windows} held-out windows" if c.val_windows else "no guard"
     return f"{' + '.join(parts)}, {c.nsamples}x{c.seqlen}, {c.epochs} epochs, {guard}"
 
