@@ -185,7 +185,8 @@ def detach_step_linears(
 @dataclass(frozen=True)
 class TeacherTargets:
     """The float model's `k` most likely next tokens at every position of one batch of windows:
-    their probabilities renormalized over the k (B, T, k) and their ids (B, T, k)."""
+    their probabilities (B, T, k) and ids (B, T, k); the rest of the vocabulary is one more
+    outcome, of probability 1 - sum(probs)."""
 
     probs: torch.Tensor
     ids: torch.Tensor
@@ -205,8 +206,7 @@ def teacher_targets(
             with runtime.autocast():
                 logits = model(input_ids=ids.to(runtime.device), use_cache=False).logits
             top, idx = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
-            probs = torch.softmax(top, -1)
-            out.append(TeacherTargets(probs.cpu(), idx.to(torch.int32).cpu()))
+            out.append(TeacherTargets(top.exp().cpu(), idx.to(torch.int32).cpu()))
     finally:
         model.to(home)
     return out
@@ -219,12 +219,17 @@ def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(model: nn.Module, ids: torch.Tensor, target: TeacherTargets) -> torch.Tensor:
-    """Mean cross-entropy from the float model's top-k distribution to the model's, in float32
-    (the KL divergence on those k tokens, up to the teacher's constant entropy)."""
+    """Mean cross-entropy from the float model's next-token distribution to the model's, in
+    float32, over k + 1 outcomes: the teacher's top k tokens and the rest of the vocabulary taken
+    together (so the model keeps the tail's mass where the teacher has it: the KL divergence of
+    the two distributions coarsened to those outcomes, up to the teacher's constant entropy)."""
     logits = model(input_ids=ids, use_cache=False).logits
     logp = torch.log_softmax(logits.float(), -1)
-    picked = logp.gather(-1, target.ids.to(logp.device, torch.int64))
-    return -(target.probs.to(logp.device) * picked).sum(-1).mean()
+    picked = logp.gather(-1, target.ids.to(logp.device, torch.int64))  # (B, T, k)
+    probs = target.probs.to(logp.device)
+    rest_p = (1 - probs.sum(-1)).clamp(min=0)
+    rest_logq = torch.log((1 - picked.exp().sum(-1)).clamp(min=1e-12))
+    return -((probs * picked).sum(-1) + rest_p * rest_logq).mean()
 
 
 def stage_loss(model: nn.Module, ids: torch.Tensor, target: TeacherTargets | None) -> torch.Tensor:
