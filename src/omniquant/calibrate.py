@@ -37,7 +37,7 @@ from omniquant.activations import ActivationStore, MemoryBudget, StoreView, peak
 from omniquant.capture import BlockArgs, CapturedInputs, map_tensors
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
 from omniquant.errors import CalibrationError, ExportError
-from omniquant.guard import Guard, copy_into, snapshot
+from omniquant.guard import Guard, copy_into, fell_back_message, snapshot
 from omniquant.memory import map_large_allocations
 from omniquant.models.architecture import Architecture, block_linears
 from omniquant.quant.activation import attach_act_quantizers
@@ -734,11 +734,10 @@ def calibrate_blocks(
             reports.append(report)
             if report.fell_back:
                 log.warning(
-                    "block %d: training never beat the starting held-out loss %.5g (epochs: %s); "
-                    "its starting parameters are restored",
-                    i,
-                    report.val_losses[0],
-                    ", ".join(f"{v:.5g}" for v in report.val_losses[1:]),
+                    "%s",
+                    fell_back_message(
+                        f"block {i}", report.val_losses, "its starting parameters are restored"
+                    ),
                 )
             bar.set_postfix(loss=f"{report.loss_before:.3g}->{report.loss_after:.3g}")
             log.info(

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from omniquant.calibrate import Runtime
 from omniquant.config import CalibConfig
-from omniquant.guard import Guard
+from omniquant.guard import Guard, fell_back_message
 from omniquant.quant.primitives import from_groups, num_groups, to_groups
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, weight_codes
 from omniquant.schedule import lr_factor
@@ -109,9 +109,8 @@ class StepLinear(nn.Module):
         super().__init__()
         device = linear.weight.device
         self.qp = qp
-        codes = weight_codes(linear.weight, qp).to(torch.int16)
-        zeros = qp.zero.to(torch.int16).repeat_interleave(qp.group_size, dim=1)
-        centered = codes - zeros[:, : qp.in_features]
+        codes = to_groups(weight_codes(linear.weight, qp).float(), qp.group_size)
+        centered = from_groups(codes - qp.zero.float().unsqueeze(-1), qp.in_features)
         dtype = torch.int8 if qp.bits < 8 else torch.int16
         self.register_buffer("codes", centered.to(dtype).to(device))
         self.register_buffer("scale0", qp.scale.float().to(device))
@@ -327,10 +326,8 @@ def train_step_sizes(
             report.fell_back = guard.fell_back
             if report.fell_back:
                 log.warning(
-                    "end-to-end: training never beat the starting held-out loss %.5g (epochs: "
-                    "%s); the starting scales are kept",
-                    guard.losses[0],
-                    ", ".join(f"{v:.5g}" for v in guard.losses[1:]),
+                    "%s",
+                    fell_back_message("end-to-end", guard.losses, "the starting scales are kept"),
                 )
     finally:
         detach_step_linears(model, swapped)

@@ -30,6 +30,15 @@ def copy_into(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) ->
         p.copy_(v)
 
 
+def fell_back_message(what: str, losses: Sequence[float], restored: str) -> str:
+    """The warning when no epoch beat the start: `losses` are [start, epoch 1, ...]."""
+    epochs = ", ".join(f"{v:.5g}" for v in losses[1:])
+    return (
+        f"{what}: training never beat the starting held-out loss {losses[0]:.5g} (epochs: "
+        f"{epochs}); {restored}"
+    )
+
+
 def improves(loss: float, best: float) -> bool:
     """Whether a validation loss is finite and strictly below the best so far."""
     return math.isfinite(loss) and loss < best
