@@ -96,7 +96,8 @@ def _add_head(p: argparse.ArgumentParser) -> None:
         "--head",
         choices=HEAD_DTYPES,
         default="float32",
-        help="with --kernels: keep the output head (and an embedding tied to it) in float16, as "
+        help="with --kernels (or generate --native): keep the output head (and an embedding tied "
+        "to it) in float16, as "
         "llama.cpp's f16 output does: half its bytes and, on the CPU, a faster decode step; the "
         "logits then carry float16 rounding (default float32)",
     )
@@ -557,6 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode through torch.compile with a static KV cache: tens of seconds to compile, "
         "then faster tokens (worth it for long generations)",
     )
+    g.add_argument(
+        "--native",
+        action="store_true",
+        help="decode on the CPU through omniquant's native decoder: every block and the head in "
+        "one C++ call per token, 2-4-bit grids as they were learned, int8 activations (built with "
+        "the machine's C++ compiler on first use, seconds). Llama, Mistral, Qwen2/3, Phi-3; not "
+        "with --kernels or --compile",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     _add_runtime(g)
 
@@ -826,8 +835,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from omniquant.generate import generate
 
     check_prompt(a.prompt)
+    if a.native:
+        check_native(a.kernels, a.compile, a.device)
+    else:
+        api.check_head(a.head, a.kernels)
     model, tokenizer = api.load(
-        a.model, kernels=a.kernels, device=a.device, progress=not a.quiet, head=a.head
+        a.model,
+        kernels=a.kernels,
+        device=a.device,
+        progress=not a.quiet,
+        head="float32" if a.native else a.head,
     )
     torch.manual_seed(a.seed)
     generate(
@@ -839,8 +856,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
         a.chat,
         sys.stdout,
         compile=a.compile,
+        native=a.native,
+        head=a.head,
     )
     return 0
+
+
+def check_native(kernels: bool, compile: bool, device: str) -> None:
+    """Refuse, before loading, what --native cannot be combined with; find the compiler."""
+    from omniquant.kernels.native import compiler
+
+    if kernels or compile:
+        flag = "--kernels" if kernels else "--compile"
+        raise ConfigError(f"--native decodes on its own: drop {flag}")
+    if device != "cpu":
+        raise ConfigError(f"--native runs on the CPU, not {device}: drop --device or --native")
+    compiler()
 
 
 COMMANDS = {

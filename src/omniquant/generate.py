@@ -73,13 +73,18 @@ def generate(
     chat: bool = False,
     out: TextIO | None = None,
     compile: bool = False,
+    native: bool = False,
+    head: str = "float32",
 ) -> list[int]:
     """Generate up to `max_new_tokens` after the prompt (greedy when temperature is 0), writing
     the text to `out` as it comes; returns the new token ids.
 
     compile=True decodes through `torch.compile` with a static KV cache (CUDA graphs on CUDA):
     the first call spends tens of seconds compiling, later tokens come faster (SmolLM2 W4A16g128
-    on 2 CPU threads: see the README's inference table)."""
+    on 2 CPU threads: see the README's inference table).
+
+    native=True decodes a fake-quantized model (with its grids) through `kernels.native`'s
+    one-call C++ decode step on the CPU, its head in `head` (float32 or float16)."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not temperature >= 0:  # NaN included
@@ -95,6 +100,8 @@ def generate(
     sampling = (
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
+    if native:
+        return _generate_native(model, ids, max_new_tokens, temperature, streamer, head)
     extra = compile_options(device) if compile else {}
     result = model.generate(
         ids,
@@ -108,3 +115,39 @@ def generate(
         **extra,
     )
     return result[0, ids.shape[1] :].tolist()
+
+
+def stop_ids(model: nn.Module) -> set[int]:
+    """The end-of-sequence ids generation stops at (the generation config's, else the model's)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = getattr(model.config, "eos_token_id", None)
+    if ids is None:
+        return set()
+    return {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
+
+
+def _generate_native(
+    model: nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    streamer: _Writer | None,
+    head: str,
+) -> list[int]:
+    from omniquant.kernels.native import NativeDecoder
+
+    if ids.device.type != "cpu":
+        raise ConfigError("the native decoder runs on the CPU: use --device cpu")
+    decoder = NativeDecoder(model, head=head)
+    prompt = ids[0].tolist()
+    if streamer is not None:
+        streamer.put(ids)
+    new = []
+    for token in decoder.tokens(prompt, max_new_tokens, temperature, stop_ids(model)):
+        new.append(token)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+    if streamer is not None:
+        streamer.end()
+    return new

@@ -1,0 +1,420 @@
+// The native decode step of `omniquant.kernels.native` (see its docstring): one token through
+// every decoder block and the head, in one call, on the CPU threads given.
+//
+// Linear weights: 4-bit codes (2/3-bit codes use the low values), 32 per 16 bytes (byte j holds
+// code j in its low nibble and code j + 16 in its high nibble), with a float32 scale s and
+// minimum m per group (w = q * s + m; groups are whole 32-blocks, a ragged last group included);
+// or float32 rows for a linear without a grid. The vector a linear reads is quantized to int8 in
+// blocks of 32 (one float32 step per block), as llama.cpp's Q8 does, for the integer dot product;
+// the minimum's term uses the float sums of the vector. The head and a tied embedding are float16
+// or float32. Everything else (norms, RoPE, attention, activation) is float32.
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define OQ_AVX2 1
+#endif
+
+extern "C" {
+
+// One linear. kind 0: 4-bit codes; kind 1: float32 weight (out, in).
+struct OqLinear {
+    int32_t kind, out, in, n_groups;
+    const uint8_t* codes;        // (out, in / 2)
+    const float* scale;          // (out, n_groups)
+    const float* minimum;        // (out, n_groups)
+    const int32_t* group_start;  // (n_groups + 1) in 32-blocks
+    const float* weight;         // kind 1
+    const float* bias;           // (out) or null
+};
+
+struct OqLayer {
+    const float* attn_norm;  // (hidden)
+    const float* mlp_norm;   // (hidden)
+    const float* q_norm;     // (head_dim) or null
+    const float* k_norm;     // (head_dim) or null
+    OqLinear qkv[3];         // rows q, then k, then v, across n_qkv linears
+    int32_t n_qkv;
+    OqLinear o;
+    OqLinear mlp_in[2];      // gate rows [0, inter), up rows [inter, 2 inter), across n_mlp_in
+    int32_t n_mlp_in;
+    OqLinear down;
+    int32_t window;          // sliding window in positions, 0 = none
+    float* k_cache;          // (n_kv, max_pos, head_dim)
+    float* v_cache;
+};
+
+struct OqModel {
+    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, max_pos, rot_dim;
+    int32_t act;             // 0 silu, 1 gelu (tanh), 2 gelu (erf)
+    int32_t head_half;       // 1: head / embedding float16, 0: float32
+    int32_t n_threads;
+    float eps, qk_eps, scaling;
+    const OqLayer* layers;
+    const float* final_norm;
+    const void* head;        // (vocab, hidden)
+    const float* head_bias;
+    const void* embedding;   // (vocab, hidden), same dtype as head
+    const float* cos;        // (max_pos, rot_dim)
+    const float* sin;
+};
+
+}  // extern "C"
+
+namespace {
+
+constexpr int QK = 32;
+
+struct Barrier {
+    std::atomic<int> count{0};
+    std::atomic<int> generation{0};
+    int n = 1;
+    void wait() {
+        if (n == 1) return;
+        int gen = generation.load(std::memory_order_acquire);
+        if (count.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+            count.store(0, std::memory_order_relaxed);
+            generation.fetch_add(1, std::memory_order_release);
+        } else {
+            while (generation.load(std::memory_order_acquire) == gen) {
+#ifdef OQ_AVX2
+                _mm_pause();
+#endif
+            }
+        }
+    }
+};
+
+// A vector as int8 blocks of 32 plus its float block sums.
+struct Q8 {
+    std::vector<int8_t> q;
+    std::vector<float> step, sum;
+    void quantize(const float* x, int n) {
+        int nb = n / QK;
+        q.resize(n);
+        step.resize(nb);
+        sum.resize(nb);
+        for (int b = 0; b < nb; ++b) {
+            const float* xb = x + b * QK;
+            float amax = 0.f, s = 0.f;
+            for (int i = 0; i < QK; ++i) {
+                amax = std::fmax(amax, std::fabs(xb[i]));
+                s += xb[i];
+            }
+            float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+            for (int i = 0; i < QK; ++i) q[b * QK + i] = (int8_t)std::lrintf(xb[i] * inv);
+            step[b] = d;
+            sum[b] = s;
+        }
+    }
+};
+
+#ifdef OQ_AVX2
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// One row of 4-bit codes against an int8 vector.
+inline float dot_q4(const OqLinear& l, int row, const Q8& x) {
+    const uint8_t* codes = l.codes + (size_t)row * (l.in / 2);
+    const float* s = l.scale + (size_t)row * l.n_groups;
+    const float* m = l.minimum + (size_t)row * l.n_groups;
+    float minimum_term = 0.f;
+#ifdef OQ_AVX2
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < l.n_groups; ++g) {
+        float xs = 0.f;
+        for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
+            __m128i raw = _mm_loadu_si128((const __m128i*)(codes + b * 16));
+            __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+            __m256i q = _mm256_and_si256(both, low);
+            __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * QK));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[g] * x.step[b]), _mm256_cvtepi32_ps(p), acc);
+            xs += x.sum[b];
+        }
+        minimum_term += m[g] * xs;
+    }
+    return hsum(acc) + minimum_term;
+#else
+    float total = 0.f;
+    for (int g = 0; g < l.n_groups; ++g) {
+        float xs = 0.f, part = 0.f;
+        for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
+            const uint8_t* c = codes + b * 16;
+            const int8_t* xq = x.q.data() + b * QK;
+            int isum = 0;
+            for (int j = 0; j < 16; ++j) isum += (c[j] & 15) * xq[j] + (c[j] >> 4) * xq[j + 16];
+            part += x.step[b] * (float)isum;
+            xs += x.sum[b];
+        }
+        total += s[g] * part;
+        minimum_term += m[g] * xs;
+    }
+    return total + minimum_term;
+#endif
+}
+
+inline float dot_f32(const float* w, const float* x, int n) {
+    int i = 0;
+    float tail = 0.f;
+#ifdef OQ_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    tail = hsum(_mm256_add_ps(a0, a1));
+#endif
+    for (; i < n; ++i) tail += w[i] * x[i];
+    return tail;
+}
+
+inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                --exp;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline float dot_f16(const uint16_t* w, const float* x, int n) {
+    int i = 0;
+    float tail = 0.f;
+#ifdef OQ_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i + 8)));
+        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), a1);
+    }
+    tail = hsum(_mm256_add_ps(a0, a1));
+#endif
+    for (; i < n; ++i) tail += half_to_float(w[i]) * x[i];
+    return tail;
+}
+
+inline float dot_row(const OqLinear& l, int row, const Q8& xq, const float* x) {
+    float y = l.kind == 0 ? dot_q4(l, row, xq) : dot_f32(l.weight + (size_t)row * l.in, x, l.in);
+    return l.bias ? y + l.bias[row] : y;
+}
+
+// Rows [r0, r1) of the linears' stacked outputs.
+void rows(const OqLinear* ls, int n, int r0, int r1, const Q8& xq, const float* x, float* out) {
+    int base = 0;
+    for (int k = 0; k < n; ++k) {
+        const OqLinear& l = ls[k];
+        int a = r0 > base ? r0 - base : 0, b = r1 - base < l.out ? r1 - base : l.out;
+        for (int r = a; r < b; ++r) out[base + r] = dot_row(l, r, xq, x);
+        base += l.out;
+    }
+}
+
+// The stacked row `r` of the linears.
+inline float stacked_row(const OqLinear* ls, int n, int r, const Q8& xq, const float* x) {
+    for (int k = 0; k < n; ++k) {
+        if (r < ls[k].out) return dot_row(ls[k], r, xq, x);
+        r -= ls[k].out;
+    }
+    return 0.f;
+}
+
+void rms_norm(const float* x, const float* w, float* y, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+    float inv = 1.f / std::sqrt((float)(ss / n) + eps);
+    for (int i = 0; i < n; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
+void rope(float* v, const float* cos, const float* sin, int rot) {
+    int half = rot / 2;
+    for (int i = 0; i < half; ++i) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+inline float activation(float g, int act) {
+    if (act == 0) return g / (1.f + std::exp(-g));
+    if (act == 1) {
+        float c = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+        return 0.5f * g * (1.f + std::tanh(c));
+    }
+    return 0.5f * g * (1.f + std::erf(g * 0.7071067811865476f));
+}
+
+inline void split(int n, int t, int nt, int& a, int& b) {
+    a = (int)((long long)n * t / nt);
+    b = (int)((long long)n * (t + 1) / nt);
+}
+
+struct Step {
+    const OqModel& m;
+    float* h;  // residual stream (hidden)
+    float* qkv;
+    float* attn;
+    float* act;
+    float* scores;  // (n_heads, max_pos)
+    float* logits;
+    int pos;
+    bool want_logits;
+    Barrier barrier;
+
+    void run(int t) {
+        const int nt = m.n_threads, H = m.hidden, D = m.head_dim;
+        std::vector<float> normed(H > m.inter ? H : m.inter);
+        Q8 xq;
+        const int q_rows = m.n_heads * D, kv_rows = m.n_kv * D;
+        for (int li = 0; li < m.n_layers; ++li) {
+            const OqLayer& L = m.layers[li];
+            // attention norm (every thread its own copy) and q/k/v rows
+            rms_norm(h, L.attn_norm, normed.data(), H, m.eps);
+            xq.quantize(normed.data(), H);
+            int a, b;
+            split(q_rows + 2 * kv_rows, t, nt, a, b);
+            rows(L.qkv, L.n_qkv, a, b, xq, normed.data(), qkv);
+            barrier.wait();
+            // keys and values into the cache, by kv head
+            const float* cs = m.cos + (size_t)pos * m.rot_dim;
+            const float* sn = m.sin + (size_t)pos * m.rot_dim;
+            split(m.n_kv, t, nt, a, b);
+            for (int kh = a; kh < b; ++kh) {
+                float* k = qkv + q_rows + kh * D;
+                if (L.k_norm) rms_norm(k, L.k_norm, k, D, m.qk_eps);
+                rope(k, cs, sn, m.rot_dim);
+                size_t at = ((size_t)kh * m.max_pos + pos) * D;
+                std::memcpy(L.k_cache + at, k, D * sizeof(float));
+                std::memcpy(L.v_cache + at, qkv + q_rows + kv_rows + kh * D, D * sizeof(float));
+            }
+            barrier.wait();
+            // attention, by query head
+            split(m.n_heads, t, nt, a, b);
+            const int first = L.window > 0 && pos + 1 > L.window ? pos + 1 - L.window : 0;
+            for (int qh = a; qh < b; ++qh) {
+                float* q = qkv + qh * D;
+                if (L.q_norm) rms_norm(q, L.q_norm, q, D, m.qk_eps);
+                rope(q, cs, sn, m.rot_dim);
+                const int kh = qh / (m.n_heads / m.n_kv);
+                const float* kc = L.k_cache + (size_t)kh * m.max_pos * D;
+                const float* vc = L.v_cache + (size_t)kh * m.max_pos * D;
+                float* sc = scores + (size_t)qh * m.max_pos;
+                float top = -INFINITY;
+                for (int j = first; j <= pos; ++j) {
+                    sc[j] = dot_f32(kc + (size_t)j * D, q, D) * m.scaling;
+                    top = std::fmax(top, sc[j]);
+                }
+                float total = 0.f;
+                for (int j = first; j <= pos; ++j) total += (sc[j] = std::exp(sc[j] - top));
+                float* o = attn + qh * D;
+                for (int d = 0; d < D; ++d) o[d] = 0.f;
+                for (int j = first; j <= pos; ++j) {
+                    const float p = sc[j] / total;
+                    const float* v = vc + (size_t)j * D;
+                    for (int d = 0; d < D; ++d) o[d] += p * v[d];
+                }
+            }
+            barrier.wait();
+            // output projection, added to the residual stream
+            xq.quantize(attn, q_rows);
+            split(H, t, nt, a, b);
+            for (int r = a; r < b; ++r) h[r] += dot_row(L.o, r, xq, attn);
+            barrier.wait();
+            // MLP: gate and up rows of the same index in one thread, then the activation
+            rms_norm(h, L.mlp_norm, normed.data(), H, m.eps);
+            xq.quantize(normed.data(), H);
+            split(m.inter, t, nt, a, b);
+            for (int r = a; r < b; ++r) {
+                float g = stacked_row(L.mlp_in, L.n_mlp_in, r, xq, normed.data());
+                float u = stacked_row(L.mlp_in, L.n_mlp_in, m.inter + r, xq, normed.data());
+                act[r] = activation(g, m.act) * u;
+            }
+            barrier.wait();
+            xq.quantize(act, m.inter);
+            split(H, t, nt, a, b);
+            for (int r = a; r < b; ++r) h[r] += dot_row(L.down, r, xq, act);
+            barrier.wait();
+        }
+        if (!want_logits) return;
+        rms_norm(h, m.final_norm, normed.data(), H, m.eps);
+        int a, b;
+        split(m.vocab, t, nt, a, b);
+        for (int r = a; r < b; ++r) {
+            float y = m.head_half ? dot_f16((const uint16_t*)m.head + (size_t)r * H, normed.data(), H)
+                                  : dot_f32((const float*)m.head + (size_t)r * H, normed.data(), H);
+            logits[r] = m.head_bias ? y + m.head_bias[r] : y;
+        }
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+int oq_avx2() {
+#ifdef OQ_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Bytes of scratch `oq_step` needs.
+int64_t oq_scratch_floats(const OqModel* m) {
+    return (int64_t)m->n_heads * m->head_dim * 2 + 2 * (int64_t)m->n_kv * m->head_dim + m->inter +
+           (int64_t)m->n_heads * m->max_pos;
+}
+
+// One token at position `pos`: h is the residual stream (hidden floats, read and written),
+// scratch has oq_scratch_floats floats, logits (vocab floats) is written when not null.
+int oq_step(const OqModel* m, int32_t token, int32_t pos, float* h, float* scratch, float* logits) {
+    if (pos < 0 || pos >= m->max_pos || token < 0 || token >= m->vocab) return 1;
+    const int H = m->hidden;
+    if (m->head_half) {
+        const uint16_t* e = (const uint16_t*)m->embedding + (size_t)token * H;
+        for (int i = 0; i < H; ++i) h[i] = half_to_float(e[i]);
+    } else {
+        std::memcpy(h, (const float*)m->embedding + (size_t)token * H, H * sizeof(float));
+    }
+    Step s{*m, h, nullptr, nullptr, nullptr, nullptr, logits, pos, logits != nullptr, {}};
+    const int q_rows = m->n_heads * m->head_dim, kv_rows = m->n_kv * m->head_dim;
+    s.qkv = scratch;
+    s.attn = s.qkv + q_rows + 2 * kv_rows;
+    s.act = s.attn + q_rows;
+    s.scores = s.act + m->inter;
+    s.barrier.n = m->n_threads;
+    std::vector<std::thread> workers;
+    for (int t = 1; t < m->n_threads; ++t) workers.emplace_back([&s, t] { s.run(t); });
+    s.run(0);
+    for (auto& w : workers) w.join();
+    return 0;
+}
+
+}  // extern "C"
