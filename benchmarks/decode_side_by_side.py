@@ -5,6 +5,8 @@ Issue 14's second speed target: our int4 path's compiled decode at least llama.c
   * `benchmarks/inference.py --compile` on each --ours variant (a fresh process each: SmolLM2
     W4A16g128 packed, int4 kernels, `torch.compile` decode step with a static KV cache; 32-token
     prompt, then 128 tokens, median of --repeats);
+    A variant ending in "+native" (or "+native8") runs the native decoder instead
+    (`omniquant.kernels.native`: one C++ call per token; int16 or int8 activations);
   * `llama-bench -n 128 -p 0` on each --gguf file (median of --repeats inside llama-bench).
 --rounds rounds, the order rotated each round so a drift of the machine's speed falls on every
 variant alike. Prints and appends one row per variant (median over rounds, every value) to
@@ -13,6 +15,9 @@ results/decode_side_by_side.jsonl.
   python benchmarks/decode_side_by_side.py \
       --gguf "llama.cpp Q4_1=/tmp/ggb/llama-Q4_1.gguf" \
       --ours W4A16g128 --ours W4A16g128+f16head --rounds 3 --threads 2
+  python benchmarks/decode_side_by_side.py \
+      --gguf "llama.cpp Q4_1=/tmp/omniquant-gguf-bench/llama-Q4_1.gguf" \
+      --ours W4A16g128+f16head+native --ours W4A16g128+f16head+native8 --rounds 3
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ def ours(variant: str, threads: int, repeats: int, results: Path) -> float:
     return float(row["decode_tok_s"])
 
 
+def ours_label(variant: str) -> str:
+    return f"ours {variant} ({'native' if '+native' in variant else 'compiled'})"
+
+
 def llama_cpp(path: Path, threads: int, repeats: int) -> float:
     """llama-bench's decode tok/s (tg128) for one GGUF file."""
     cmd = [str(BINS / "llama-bench"), "-m", str(path), "-p", "0", "-n", "128"]
@@ -59,7 +68,7 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=HERE / "results" / "decode_side_by_side.jsonl")
     a = p.parse_args()
     runs: dict[str, list[float]] = {}
-    jobs = [(f"ours {v} (compiled)", "ours", v) for v in a.ours]
+    jobs = [(ours_label(v), "ours", v) for v in a.ours]
     jobs += [(label, "gguf", path) for label, _, path in (g.partition("=") for g in a.gguf)]
     scratch = a.results.parent / "decode_side_by_side.rows.tmp"
     for r in range(a.rounds):

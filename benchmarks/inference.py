@@ -12,7 +12,9 @@ The packed variants are round-to-nearest quantizations written as omniquant-pack
 with `omniquant.load(path, kernels=True)`: speed and size do not depend on how the grid was
 calibrated, so RTN stands in for OmniQuant here (same layout, same kernels). A packed variant
 with the suffix "+f16head" (W4A16g128+f16head) keeps its output head in float16
-(`omniquant.kernels.head`).
+(`omniquant.kernels.head`). The suffix "+native" (W4A16g128+f16head+native) decodes through the
+native decoder (`omniquant.kernels.native`: one C++ call per token; the prompt is fed one token
+at a time, so prefill is that many decode steps); "+native8" the same with int8 activations.
 
   python benchmarks/inference.py --threads 2 --repeats 3
   python benchmarks/inference.py --compile --variants W4A16g128,W4A16g128+f16head
@@ -37,6 +39,7 @@ import torch
 RESULTS = Path(__file__).parent / "results" / "inference.jsonl"
 VARIANTS = ["float32", "bfloat16", "W8A16", "W4A16g128", "W3A16g128"]
 HALF_HEAD = "+f16head"  # suffix of a packed variant: its head in float16
+NATIVE_BITS = {"+native": 16, "+native8": 8}  # its activations' integer bits
 PACKED = {"W8A16": (8, None), "W4A16g128": (4, 128), "W3A16g128": (3, 128)}
 PREFILL, DECODE = 512, 128
 
@@ -219,8 +222,63 @@ def compiled_decoding(model: torch.nn.Module, length: int) -> tuple[Any, Callabl
     return cache, torch.compile(model.forward, dynamic=False, mode=mode)
 
 
+def native_of(variant: str) -> str | None:
+    """The variant without its "+native"/"+native8" suffix, or None when it has none."""
+    stem, _, suffix = variant.rpartition("+")
+    return stem if stem and "+" + suffix in NATIVE_BITS else None
+
+
+def measure_native(a: argparse.Namespace, variant: str) -> dict[str, object]:
+    """A "+native" variant: the packed folder's codes straight into the native decoder
+    (`omniquant.load_native`: no float copy of the blocks)."""
+    from omniquant import api
+
+    stem, _, suffix = variant.rpartition("+")
+    base, head = base_variant(stem)
+    bits = NATIVE_BITS["+" + suffix]
+    folder = packed_folder(a.cache, base, a.shape)
+    decoder, _ = api.load_native(folder, head=head, threads=a.threads, activations=bits)
+    ids = torch.load(prompt_path(a.cache, a.shape))[0].tolist()
+    decoder.tokens(ids[:32], 4)  # warm-up (builds the caches)
+
+    def prefill() -> float:
+        decoder.reset()
+        t0 = time.perf_counter()
+        decoder.prefill(ids[:PREFILL])
+        return time.perf_counter() - t0
+
+    def decode() -> float:
+        decoder.reset()
+        logits = decoder.prefill(ids[:32])
+        t0 = time.perf_counter()
+        for _ in range(DECODE):
+            logits = decoder.step(int(logits.argmax()))
+        return time.perf_counter() - t0
+
+    prefills = [prefill() for _ in range(a.repeats)]
+    decodes = [decode() for _ in range(a.repeats)]
+    return {
+        "variant": variant,
+        "compile_s": None,
+        "threads": a.threads,
+        "repeats": a.repeats,
+        "linear_mb": decoder.linear_bytes / 2**20,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_source": "VmHWM",
+        "prefill_tok_s": PREFILL / statistics.median(prefills),
+        "decode_tok_s": DECODE / statistics.median(decodes),
+        "peak_device_mb": None,
+        "device": "cpu",
+        "random_weights": a.shape is not None,
+        "shape": None if a.shape is None else a.shape.stem,
+        "torch": torch.__version__,
+    }
+
+
 def measure(a: argparse.Namespace, variant: str) -> dict[str, object]:
     """One variant, in this process."""
+    if native_of(variant) is not None:
+        return measure_native(a, variant)
     torch.set_num_threads(a.threads)
     repeats = a.repeats
     model = load_variant(variant, a.cache, a.device, a.shape)
@@ -351,8 +409,9 @@ def main() -> int:
         return 0
     write_prompt(a.cache, a.shape)
     for variant in a.variants.split(","):
-        if base_variant(variant)[0] in PACKED:  # quantize outside the measured process
-            packed_folder(a.cache, base_variant(variant)[0], a.shape)
+        base = base_variant(native_of(variant) or variant)[0]
+        if base in PACKED:  # quantized outside the measured process
+            packed_folder(a.cache, base, a.shape)
     a.results.parent.mkdir(parents=True, exist_ok=True)
     for variant in a.variants.split(","):
         cmd = [sys.executable, __file__, "--child", variant, "--threads", str(a.threads)]

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from omniquant.api import QuantizeResult, evaluate, export, load, quantize
+from omniquant.api import QuantizeResult, evaluate, export, load, load_native, quantize
 from omniquant.config import (
     ActQuant,
     CalibConfig,
@@ -20,5 +20,6 @@ __all__ = [
     "evaluate",
     "export",
     "load",
+    "load_native",
     "quantize",
 ]

@@ -901,6 +901,36 @@ def _gguf_rope_parameters(folder: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) else None
 
 
+def load_native(
+    path: str | os.PathLike[str] | None,
+    head: str = "float16",
+    threads: int | None = None,
+    activations: int = 16,
+    progress: bool = False,
+) -> tuple[Any, Any]:
+    """(NativeDecoder, tokenizer) for a folder `load` takes, decoding on the CPU in native code
+    (`kernels.native`). An omniquant-packed folder goes straight from its codes to the decoder
+    (no float copy of the blocks); a fake-quantized folder is read with its grids; a float model
+    runs its linears in float32."""
+    from omniquant.kernels.native import NativeDecoder, compiler
+
+    compiler()  # no compiler: refused before anything is read
+    folder = Path(str(path)) if path is not None else None
+    record = read_run_record(folder) if folder is not None and folder.is_dir() else None
+    config = record_config(record) if record is not None else None
+    if folder is not None and config is not None and record_format(record) == "omniquant-packed":
+        model, tokenizer, _ = load_packed(
+            folder,
+            prepare=lambda m: attach_act_quantizers_all(m, config),
+            progress=progress,
+            native=True,
+        )
+    else:
+        model, tokenizer = load(path, progress=progress)
+    decoder = NativeDecoder(model, head=head, threads=threads, activations=activations)
+    return decoder, tokenizer
+
+
 def load_gguf_folder(folder: Path, device: str = "cpu") -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a gguf folder through transformers' own GGUF loader, which
     dequantizes every block to float32 with the `gguf` package."""

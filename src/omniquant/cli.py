@@ -23,7 +23,6 @@ from omniquant.errors import ConfigError, OmniQuantError
 from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
 from omniquant.formats import FORMATS
 from omniquant.formats.gguf import APPROXIMATE_TYPES, FLOAT_TYPES, GgufOptions
-from omniquant.generate import check_prompt
 from omniquant.kernels.head import HEAD_DTYPES
 from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval
@@ -832,19 +831,26 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from omniquant.generate import generate
+    from omniquant.generate import check_generation, generate
 
-    check_prompt(a.prompt)
+    check_generation(a.prompt, a.max_new_tokens, a.temperature)
     if a.native:
+        from omniquant.generate import generate_native
+
         check_native(a.kernels, a.compile, a.device)
-    else:
-        api.check_head(a.head, a.kernels)
+        decoder, tokenizer = api.load_native(a.model, head=a.head, progress=not a.quiet)
+        torch.manual_seed(a.seed)
+        generate_native(
+            decoder, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.chat, sys.stdout
+        )
+        return 0
+    api.check_head(a.head, a.kernels)
     model, tokenizer = api.load(
         a.model,
         kernels=a.kernels,
         device=a.device,
         progress=not a.quiet,
-        head="float32" if a.native else a.head,
+        head=a.head,
     )
     torch.manual_seed(a.seed)
     generate(
@@ -856,8 +862,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
         a.chat,
         sys.stdout,
         compile=a.compile,
-        native=a.native,
-        head=a.head,
     )
     return 0
 

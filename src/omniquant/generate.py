@@ -16,6 +16,15 @@ def check_prompt(prompt: str) -> None:
         raise ConfigError("the prompt is empty; pass the text to continue: --prompt TEXT")
 
 
+def check_generation(prompt: str, max_new_tokens: int, temperature: float) -> None:
+    """Refuse bad generation settings (before any model is loaded)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:  # NaN included
+        raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    check_prompt(prompt)
+
+
 def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
     """(1, T) token ids of the prompt, through the chat template when asked."""
     if chat:
@@ -85,12 +94,15 @@ def generate(
 
     native=True decodes a fake-quantized model (with its grids) through `kernels.native`'s
     one-call C++ decode step on the CPU, its head in `head` (float32 or float16)."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0:  # NaN included
-        raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
-    check_prompt(prompt)
+    check_generation(prompt, max_new_tokens, temperature)
     device = next(model.parameters()).device
+    if native:
+        from omniquant.kernels.native import NativeDecoder
+
+        if device.type != "cpu":
+            raise ConfigError("the native decoder runs on the CPU: use --device cpu")
+        decoder = NativeDecoder(model, head=head)
+        return generate_native(decoder, tokenizer, prompt, max_new_tokens, temperature, chat, out)
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
     streamer = None
     if out is not None:
@@ -100,8 +112,6 @@ def generate(
     sampling = (
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
-    if native:
-        return _generate_native(model, ids, max_new_tokens, temperature, streamer, head)
     extra = compile_options(device) if compile else {}
     result = model.generate(
         ids,
@@ -117,34 +127,28 @@ def generate(
     return result[0, ids.shape[1] :].tolist()
 
 
-def stop_ids(model: nn.Module) -> set[int]:
-    """The end-of-sequence ids generation stops at (the generation config's, else the model's)."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = getattr(model.config, "eos_token_id", None)
-    if ids is None:
-        return set()
-    return {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
-
-
-def _generate_native(
-    model: nn.Module,
-    ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    streamer: _Writer | None,
-    head: str,
+def generate_native(
+    decoder: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    chat: bool = False,
+    out: TextIO | None = None,
 ) -> list[int]:
-    from omniquant.kernels.native import NativeDecoder
-
-    if ids.device.type != "cpu":
-        raise ConfigError("the native decoder runs on the CPU: use --device cpu")
-    decoder = NativeDecoder(model, head=head)
-    prompt = ids[0].tolist()
-    if streamer is not None:
+    """`generate` through a `kernels.native.NativeDecoder` (the CPU, one C++ call per token):
+    greedy at temperature 0, else sampled under torch's global seed; stops at the model's
+    end-of-sequence ids."""
+    check_generation(prompt, max_new_tokens, temperature)
+    ids = prompt_ids(tokenizer, prompt, chat)
+    streamer = None
+    if out is not None:
+        if not chat:
+            out.write(prompt)
+        streamer = _Writer(tokenizer, out, skip=1)
         streamer.put(ids)
     new = []
-    for token in decoder.tokens(prompt, max_new_tokens, temperature, stop_ids(model)):
+    for token in decoder.tokens(ids[0].tolist(), max_new_tokens, temperature, decoder.eos_ids):
         new.append(token)
         if streamer is not None:
             streamer.put(torch.tensor([token]))

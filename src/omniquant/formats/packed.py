@@ -34,6 +34,7 @@ from omniquant.errors import ModelError
 from omniquant.formats.compressed_tensors import linears_to_export, quantized_linears
 from omniquant.formats.packing import pack_rows, unpack_rows
 from omniquant.kernels.linear import QuantLinear
+from omniquant.kernels.native import NATIVE_CODES_ATTR, check_grid, pack_codes
 from omniquant.memory import parameters_on_meta, release_free_memory
 from omniquant.quant.primitives import effective_group_size
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
@@ -125,6 +126,7 @@ def load_packed(
     device: str = "cpu",
     prepare: Callable[[nn.Module], None] | None = None,
     progress: bool = False,
+    native: bool = False,
 ) -> tuple[nn.Module, Any, OmniQuantConfig]:
     """(model, tokenizer, config) from an omniquant-packed folder.
 
@@ -132,6 +134,9 @@ def load_packed(
     (the fake-quantized model, which `export` can write again); kernels=True: `QuantLinear`s built
     straight from the codes, so the float weights are never materialised. `prepare` runs on the
     model before the swap (it attaches the activation quantizers, which the swap keeps).
+    native=True (for `kernels.native.NativeDecoder`): each quantized linear keeps its weight on the
+    meta device and carries its grid and its codes in the native decoder's layout, so no float
+    copy of the blocks is ever made; a grid that decoder cannot hold is refused first.
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -175,8 +180,13 @@ def load_packed(
                 group_size=effective_group_size(linear.in_features, config.weight.group_size),
                 in_features=linear.in_features,
             )
+            if native:
+                check_grid(name, qp)
             codes = unpack_rows(file.get_tensor(f"{name}.qweight"), qp.bits, linear.in_features)
-            if kernels:
+            if native:
+                setattr(linear, NATIVE_CODES_ATTR, pack_codes(codes))
+                setattr(linear, QPARAMS_ATTR, qp)
+            elif kernels:
                 _swap_for_kernel(model, name, codes, qp, device)
             else:
                 with torch.no_grad():
@@ -185,6 +195,8 @@ def load_packed(
             del codes
             release_free_memory()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if native:  # the gridded linears' weights stay on meta: their codes stand for them
+        left = [n for n in left if n.removesuffix(".weight") not in grids]
     if left:
         raise ModelError(f"{folder}: no tensor in the file for {left[:5]}")
     has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))

@@ -25,7 +25,7 @@ cannot hold (5-8 bits; groups that are not multiples of 32).
 
 The C++ source (`native_decoder.cpp`) is compiled on first use with the machine's C++ compiler
 (`-O3 -march=native`; AVX2/FMA/F16C where the CPU has them, portable loops otherwise) and cached
-under ~/.cache/omniquant/native, keyed by the source and compiler.
+under ~/.cache/omniquant/native, keyed by the source, the compiler and the CPU.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ SOURCE = Path(__file__).with_name("native_decoder.cpp")
 CACHE = Path(os.environ.get("OMNIQUANT_CACHE", Path.home() / ".cache" / "omniquant")) / "native"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 BLOCK = 32  # weights per 16 bytes of codes; activations quantized per 32
+NATIVE_CODES_ATTR = "omniquant_native_codes"  # codes in this layout, set by load_packed(native=)
+ACTIVATION_BITS = (8, 16)  # the integer type a quantized linear's input is rounded to
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
 
 
@@ -105,6 +107,7 @@ class _Model(ctypes.Structure):
             "act",
             "head_half",
             "n_threads",
+            "act_bits",
         )
     ] + [
         ("eps", ctypes.c_float),
@@ -131,12 +134,26 @@ def compiler() -> str:
     )
 
 
+def cpu_flags() -> str:
+    """The CPU's model and feature flags (part of the compiled library's cache key)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor() + platform.machine()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({x for x in lines if x.startswith(wanted)}))
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
     """The compiled native decoder (built once per source and compiler, then cached)."""
     cxx = compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + version).encode()).hexdigest()
+    # -march=native: a library built on one CPU may not run on another (a shared home folder)
+    parts = (SOURCE.read_text(), " ".join(FLAGS), version, cpu_flags())
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     target = CACHE / f"native_decoder-{key[:16]}.so"
     if not target.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -177,7 +194,7 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 def group_starts(qp: LinearQParams) -> torch.Tensor:
     """Where each group of the grid starts, in blocks of 32, and the row's end (a ragged last group
     is shorter)."""
-    starts = list(range(0, qp.in_features, qp.group_size)) + [qp.in_features]
+    starts = [*range(0, qp.in_features, qp.group_size), qp.in_features]
     return torch.tensor([s // BLOCK for s in starts], dtype=torch.int32)
 
 
@@ -203,15 +220,25 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class NativeDecoder:
     """Greedy or sampled decoding of a fake-quantized model (with its grids) in native code."""
 
-    def __init__(self, model: nn.Module, head: str = "float16", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head: str = "float16",
+        threads: int | None = None,
+        activations: int = 16,
+    ) -> None:
         if head not in ("float16", "float32"):
             raise ConfigError(f"head must be float16 or float32, got {head!r}")
+        if activations not in ACTIVATION_BITS:
+            raise ConfigError(f"activations must be 8 or 16 (bits), got {activations!r}")
+        self.act_bits = activations
         self.lib = library()
         self.arch = get_architecture(model)
         config = model.config.get_text_config()
         check_supported(model, self.arch, config)
         self.threads = threads or torch.get_num_threads()
         self.keep: list[torch.Tensor] = []  # every tensor a pointer in the structures refers to
+        self.linear_bytes = 0  # what stands for the blocks' linear weights (bias excluded)
         self.hidden = config.hidden_size
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
@@ -231,6 +258,7 @@ class NativeDecoder:
         self.head_half = head == "float16"
         self._head(model)
         self.rotary = rotary_module(model)
+        self.eos_ids = stop_ids(model)
         self.capacity = 0
         self.position = 0
 
@@ -253,20 +281,24 @@ class NativeDecoder:
             )
         bias = None if module.bias is None else self._hold(module.bias.float())
         qp: LinearQParams | None = getattr(module, QPARAMS_ATTR, None)
+        packed: torch.Tensor | None = getattr(module, NATIVE_CODES_ATTR, None)
         out, width = module.weight.shape
         if width % BLOCK:
             raise ConfigError(f"{name}: width {width} is not a multiple of 32 (native decoder)")
         if qp is None:
             w = self._hold(module.weight.float())
+            self.linear_bytes += w.numel() * 4
             return _Linear(1, out, width, 0, None, None, None, None, _ptr(w), _ptr(bias))
         check_grid(name, qp)
-        codes = self._hold(pack_codes(weight_codes(module.weight, qp)))
+        if packed is None:
+            packed = pack_codes(weight_codes(module.weight, qp))
+        codes = self._hold(packed)
         scale = self._hold(qp.scale.float())
         minimum = self._hold(-(qp.zero.float() * qp.scale.float()))
         starts = self._hold(group_starts(qp))
-        return _Linear(
-            0, out, width, qp.n_groups, *map(_ptr, (codes, scale, minimum, starts)), None, _ptr(bias)
-        )
+        self.linear_bytes += sum(t.numel() * t.element_size() for t in (codes, scale, minimum))
+        pointers = map(_ptr, (codes, scale, minimum, starts))
+        return _Linear(0, out, width, qp.n_groups, *pointers, None, _ptr(bias))
 
     def _block(self, block: nn.Module, index: int) -> dict[str, Any]:
         arch = self.arch
@@ -311,7 +343,7 @@ class NativeDecoder:
             capacity = min(capacity, limit)
         shape = (self.n_kv, capacity, self.head_dim)
         caches = []
-        for i, b in enumerate(self.blocks):
+        for i in range(len(self.blocks)):
             k, v = torch.zeros(shape), torch.zeros(shape)
             if self.capacity:
                 k[:, : self.capacity] = self.caches[i][0]
@@ -344,9 +376,9 @@ class NativeDecoder:
         self.model = _Model(
             len(self.blocks), self.hidden, self.n_heads, self.n_kv, self.head_dim, self.inter,
             self.vocab, self.capacity, self.cos.shape[-1], act, int(self.head_half),
-            self.threads, self.eps, self.qk_eps, self.scaling, ctypes.addressof(layers),
-            _ptr(self.final_norm), _ptr(self.head), _ptr(self.head_bias), _ptr(self.embedding),
-            _ptr(self.cos), _ptr(self.sin),
+            self.threads, self.act_bits, self.eps, self.qk_eps, self.scaling,
+            ctypes.addressof(layers), _ptr(self.final_norm), _ptr(self.head),
+            _ptr(self.head_bias), _ptr(self.embedding), _ptr(self.cos), _ptr(self.sin),
         )  # fmt: skip
         scratch = self.lib.oq_scratch_floats(ctypes.byref(self.model))
         self.scratch = torch.empty(int(scratch))
@@ -411,6 +443,16 @@ def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_ids(model: nn.Module) -> set[int]:
+    """The end-of-sequence ids generation stops at (the generation config's, else the model's)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = getattr(model.config, "eos_token_id", None)
+    if ids is None:
+        return set()
+    return {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
 
 
 def norm_eps(module: nn.Module) -> float:

@@ -54,6 +54,7 @@ struct OqModel {
     int32_t act;             // 0 silu, 1 gelu (tanh), 2 gelu (erf)
     int32_t head_half;       // 1: head / embedding float16, 0: float32
     int32_t n_threads;
+    int32_t act_bits;        // 8 or 16: the integer type of a linear's input
     float eps, qk_eps, scaling;
     const OqLayer* layers;
     const float* final_norm;
@@ -90,13 +91,17 @@ struct Barrier {
     }
 };
 
-// A vector as int8 blocks of 32 plus its float block sums.
+// A vector as integer blocks of 32 (int8 or int16, one float step per block) plus its float
+// block sums.
 struct Q8 {
+    int bits = 8;
     std::vector<int8_t> q;
+    std::vector<int16_t> q16;
     std::vector<float> step, sum;
     void quantize(const float* x, int n) {
         int nb = n / QK;
-        q.resize(n);
+        const float top = bits == 8 ? 127.f : 32767.f;
+        if (bits == 8) q.resize(n); else q16.resize(n);
         step.resize(nb);
         sum.resize(nb);
         for (int b = 0; b < nb; ++b) {
@@ -106,8 +111,12 @@ struct Q8 {
                 amax = std::fmax(amax, std::fabs(xb[i]));
                 s += xb[i];
             }
-            float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-            for (int i = 0; i < QK; ++i) q[b * QK + i] = (int8_t)std::lrintf(xb[i] * inv);
+            float d = amax / top, inv = d > 0.f ? 1.f / d : 0.f;
+            if (bits == 8) {
+                for (int i = 0; i < QK; ++i) q[b * QK + i] = (int8_t)std::lrintf(xb[i] * inv);
+            } else {
+                for (int i = 0; i < QK; ++i) q16[b * QK + i] = (int16_t)std::lrintf(xb[i] * inv);
+            }
             step[b] = d;
             sum[b] = s;
         }
@@ -123,8 +132,53 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+// One row of 4-bit codes against an int16 vector.
+inline float dot_q4_16(const OqLinear& l, int row, const Q8& x) {
+    const uint8_t* codes = l.codes + (size_t)row * (l.in / 2);
+    const float* s = l.scale + (size_t)row * l.n_groups;
+    const float* m = l.minimum + (size_t)row * l.n_groups;
+    float minimum_term = 0.f;
+#ifdef OQ_AVX2
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < l.n_groups; ++g) {
+        float xs = 0.f;
+        for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
+            __m128i raw = _mm_loadu_si128((const __m128i*)(codes + b * 16));
+            __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+            __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+            const int16_t* xb = x.q16.data() + b * QK;
+            __m256i p = _mm256_add_epi32(
+                _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)xb)),
+                _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(xb + 16))));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[g] * x.step[b]), _mm256_cvtepi32_ps(p), acc);
+            xs += x.sum[b];
+        }
+        minimum_term += m[g] * xs;
+    }
+    return hsum(acc) + minimum_term;
+#else
+    float total = 0.f;
+    for (int g = 0; g < l.n_groups; ++g) {
+        float xs = 0.f, part = 0.f;
+        for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
+            const uint8_t* c = codes + b * 16;
+            const int16_t* xq = x.q16.data() + b * QK;
+            int isum = 0;
+            for (int j = 0; j < 16; ++j) isum += (c[j] & 15) * xq[j] + (c[j] >> 4) * xq[j + 16];
+            part += x.step[b] * (float)isum;
+            xs += x.sum[b];
+        }
+        total += s[g] * part;
+        minimum_term += m[g] * xs;
+    }
+    return total + minimum_term;
+#endif
+}
+
 // One row of 4-bit codes against an int8 vector.
 inline float dot_q4(const OqLinear& l, int row, const Q8& x) {
+    if (x.bits == 16) return dot_q4_16(l, row, x);
     const uint8_t* codes = l.codes + (size_t)row * (l.in / 2);
     const float* s = l.scale + (size_t)row * l.n_groups;
     const float* m = l.minimum + (size_t)row * l.n_groups;
@@ -292,6 +346,7 @@ struct Step {
         const int nt = m.n_threads, H = m.hidden, D = m.head_dim;
         std::vector<float> normed(H > m.inter ? H : m.inter);
         Q8 xq;
+        xq.bits = m.act_bits;
         const int q_rows = m.n_heads * D, kv_rows = m.n_kv * D;
         for (int li = 0; li < m.n_layers; ++li) {
             const OqLayer& L = m.layers[li];
