@@ -304,7 +304,7 @@ def test_no_compiler_or_a_failed_build_is_one_clear_error(monkeypatch, tmp_path)
 
     monkeypatch.setattr(native, "CACHE", tmp_path)
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
-    with pytest.raises(ConfigError, match="needs a C.. compiler"):
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler"):
         native.compiler()
     monkeypatch.undo()
     monkeypatch.setattr(native, "CACHE", tmp_path)
