@@ -316,3 +316,18 @@ def test_no_compiler_or_a_failed_build_is_one_clear_error(monkeypatch, tmp_path)
     finally:
         native.library.cache_clear()
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("act", [16, 8])
+def test_a_prompt_fed_in_chunks_gives_what_token_by_token_gives(act):
+    """Prefill runs 16 tokens per call (int16: each block of codes widened once for 4 tokens):
+    the same arithmetic per token, so the same bits, across chunk and tile edges."""
+    model = round_to_grid(model_of("qwen3"), 4, 32, only=("q_proj", "o_proj", "mlp.up_proj"))
+    decoder = NativeDecoder(model, head="float32", threads=2, activations=act)
+    prompt = [int(t) for t in torch.randint(3, VOCAB, (37,), generator=torch.Generator())]
+    chunked = decoder.prefill(prompt).clone()
+    assert decoder.position == 37
+    assert torch.equal(chunked, native_logits(decoder, prompt)[-1])
+    decoder.reset()
+    decoder.prefill(prompt[:20])  # a prompt, then more tokens: positions carry on
+    assert torch.equal(decoder.prefill(prompt[20:]), chunked)

@@ -51,8 +51,11 @@ from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, weight_codes
 
 SOURCE = Path(__file__).with_name("native_decoder.cpp")
 CACHE = Path(os.environ.get("OMNIQUANT_CACHE", Path.home() / ".cache" / "omniquant")) / "native"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+# -ffp-contract=off: no a * b + c fused where the source does not say so, so a token's arithmetic
+# is the same whichever code path (a prompt's chunk, a decode step) runs it
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 BLOCK = 32  # weights per 16 bytes of codes; activations quantized per 32
+CHUNK = 16  # prompt tokens per native call
 NATIVE_CODES_ATTR = "omniquant_native_codes"  # codes in this layout, set by load_packed(native=)
 ACTIVATION_BITS = (8, 16)  # the integer type a quantized linear's input is rounded to
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
@@ -169,7 +172,8 @@ def library() -> ctypes.CDLL:
             os.replace(built, target)
     lib = ctypes.CDLL(str(target))
     lib.oq_step.restype = ctypes.c_int
-    lib.oq_step.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32] + [ctypes.c_void_p] * 3
+    lib.oq_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    lib.oq_step.argtypes += [ctypes.c_void_p] * 3
     lib.oq_scratch_floats.restype = ctypes.c_int64
     lib.oq_scratch_floats.argtypes = [ctypes.c_void_p]
     lib.oq_avx2.restype = ctypes.c_int
@@ -381,38 +385,46 @@ class NativeDecoder:
             _ptr(self.head_bias), _ptr(self.embedding), _ptr(self.cos), _ptr(self.sin),
         )  # fmt: skip
         scratch = self.lib.oq_scratch_floats(ctypes.byref(self.model))
-        self.scratch = torch.empty(int(scratch))
-        self.h = torch.empty(self.hidden)
+        self.scratch = torch.empty(CHUNK * int(scratch))
+        self.h = torch.empty(CHUNK, self.hidden)
+        self.chunk = torch.empty(CHUNK, dtype=torch.int32)
         self.logits = torch.empty(self.vocab)
 
     # -- running -------------------------------------------------------------------------------
 
+    def _run(self, tokens: list[int], logits: bool) -> torch.Tensor | None:
+        """Feed up to CHUNK tokens at the next positions (one native call); the last one's logits
+        when asked."""
+        self.reserve(self.position + len(tokens))
+        self.chunk[: len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+        out = _ptr(self.logits) if logits else None
+        rc = self.lib.oq_step(
+            ctypes.byref(self.model), _ptr(self.chunk), len(tokens), self.position,
+            _ptr(self.h), _ptr(self.scratch), out,
+        )  # fmt: skip
+        if rc != 0:
+            raise ConfigError(f"a token of {tokens} at position {self.position} is out of range")
+        self.position += len(tokens)
+        return self.logits if logits else None
+
     def step(self, token: int, logits: bool = True) -> torch.Tensor | None:
         """Feed one token at the next position; its logits (vocab,) float32 when asked. The
         returned tensor is overwritten by the next step: clone it to keep it."""
-        self.reserve(self.position + 1)
-        out = _ptr(self.logits) if logits else None
-        rc = self.lib.oq_step(
-            ctypes.byref(self.model), int(token), self.position, _ptr(self.h),
-            _ptr(self.scratch), out,
-        )  # fmt: skip
-        if rc != 0:
-            raise ConfigError(f"token {token} at position {self.position} is out of range")
-        self.position += 1
-        return self.logits if logits else None
+        return self._run([int(token)], logits)
 
     def reset(self) -> None:
         """Forget the cached positions (the next token is the first)."""
         self.position = 0
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Feed a prompt; the last token's logits."""
+        """Feed a prompt, CHUNK tokens per native call (each block of weights is read once for
+        up to 4 tokens); the last token's logits, equal to feeding it token by token."""
         if not ids:
             raise ConfigError("the prompt has no tokens")
         self.reserve(self.position + len(ids))
-        for token in ids[:-1]:
-            self.step(token, logits=False)
-        out = self.step(ids[-1])
+        for start in range(0, len(ids), CHUNK):
+            part = [int(t) for t in ids[start : start + CHUNK]]
+            out = self._run(part, logits=start + CHUNK >= len(ids))
         assert out is not None
         return out
 

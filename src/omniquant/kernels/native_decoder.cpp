@@ -132,33 +132,13 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// One row of 4-bit codes against an int16 vector.
+// One row of 4-bit codes against an int16 vector, in portable code (with AVX2, `dot_rows` runs
+// int16 inputs through dot_q4_16_tile instead).
 inline float dot_q4_16(const OqLinear& l, int row, const Q8& x) {
     const uint8_t* codes = l.codes + (size_t)row * (l.in / 2);
     const float* s = l.scale + (size_t)row * l.n_groups;
     const float* m = l.minimum + (size_t)row * l.n_groups;
-    float minimum_term = 0.f;
-#ifdef OQ_AVX2
-    const __m128i low = _mm_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < l.n_groups; ++g) {
-        float xs = 0.f;
-        for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
-            __m128i raw = _mm_loadu_si128((const __m128i*)(codes + b * 16));
-            __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
-            __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
-            const int16_t* xb = x.q16.data() + b * QK;
-            __m256i p = _mm256_add_epi32(
-                _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)xb)),
-                _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(xb + 16))));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[g] * x.step[b]), _mm256_cvtepi32_ps(p), acc);
-            xs += x.sum[b];
-        }
-        minimum_term += m[g] * xs;
-    }
-    return hsum(acc) + minimum_term;
-#else
-    float total = 0.f;
+    float total = 0.f, minimum_term = 0.f;
     for (int g = 0; g < l.n_groups; ++g) {
         float xs = 0.f, part = 0.f;
         for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
@@ -173,7 +153,6 @@ inline float dot_q4_16(const OqLinear& l, int row, const Q8& x) {
         minimum_term += m[g] * xs;
     }
     return total + minimum_term;
-#endif
 }
 
 // One row of 4-bit codes against an int8 vector.
@@ -280,24 +259,67 @@ inline float dot_row(const OqLinear& l, int row, const Q8& xq, const float* x) {
     return l.bias ? y + l.bias[row] : y;
 }
 
-// Rows [r0, r1) of the linears' stacked outputs.
-void rows(const OqLinear* ls, int n, int r0, int r1, const Q8& xq, const float* x, float* out) {
-    int base = 0;
-    for (int k = 0; k < n; ++k) {
-        const OqLinear& l = ls[k];
-        int a = r0 > base ? r0 - base : 0, b = r1 - base < l.out ? r1 - base : l.out;
-        for (int r = a; r < b; ++r) out[base + r] = dot_row(l, r, xq, x);
-        base += l.out;
+#ifdef OQ_AVX2
+// One row of 4-bit codes against NX int16 vectors: each block of codes is widened once.
+template <int NX>
+inline void dot_q4_16_tile(const OqLinear& l, int row, const Q8* xs, float* out, int ostride) {
+    const uint8_t* codes = l.codes + (size_t)row * (l.in / 2);
+    const float* s = l.scale + (size_t)row * l.n_groups;
+    const float* m = l.minimum + (size_t)row * l.n_groups;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m256 acc[NX];
+    float minimum_term[NX];
+    for (int j = 0; j < NX; ++j) {
+        acc[j] = _mm256_setzero_ps();
+        minimum_term[j] = 0.f;
+    }
+    for (int g = 0; g < l.n_groups; ++g) {
+        float xsum[NX] = {};
+        for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
+            __m128i raw = _mm_loadu_si128((const __m128i*)(codes + b * 16));
+            __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+            __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+            for (int j = 0; j < NX; ++j) {
+                const int16_t* xb = xs[j].q16.data() + b * QK;
+                __m256i p = _mm256_add_epi32(
+                    _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)xb)),
+                    _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(xb + 16))));
+                __m256 step = _mm256_set1_ps(s[g] * xs[j].step[b]);
+                acc[j] = _mm256_fmadd_ps(step, _mm256_cvtepi32_ps(p), acc[j]);
+                xsum[j] += xs[j].sum[b];
+            }
+        }
+        for (int j = 0; j < NX; ++j) minimum_term[j] += m[g] * xsum[j];
+    }
+    for (int j = 0; j < NX; ++j) {
+        float y = hsum(acc[j]) + minimum_term[j];
+        out[(size_t)j * ostride] = l.bias ? y + l.bias[row] : y;
     }
 }
+#endif
 
-// The stacked row `r` of the linears.
-inline float stacked_row(const OqLinear* ls, int n, int r, const Q8& xq, const float* x) {
-    for (int k = 0; k < n; ++k) {
-        if (r < ls[k].out) return dot_row(ls[k], r, xq, x);
+// Row `row` of one linear for n tokens (inputs xq[j] / x + j * xstride), written to
+// out[j * ostride]. The same arithmetic as dot_row, token by token.
+void dot_rows(const OqLinear& l, int row, const Q8* xq, const float* x, int xstride, int n,
+              float* out, int ostride) {
+    int j = 0;
+#ifdef OQ_AVX2
+    if (l.kind == 0 && xq[0].bits == 16) {
+        for (; j + 4 <= n; j += 4) dot_q4_16_tile<4>(l, row, xq + j, out + (size_t)j * ostride, ostride);
+        for (; j < n; ++j) dot_q4_16_tile<1>(l, row, xq + j, out + (size_t)j * ostride, ostride);
+        return;
+    }
+#endif
+    for (; j < n; ++j) out[(size_t)j * ostride] = dot_row(l, row, xq[j], x + (size_t)j * xstride);
+}
+
+// Stacked row `r` of the linears (q, k, v one after the other, say) for n tokens.
+void stacked_rows(const OqLinear* ls, int nl, int r, const Q8* xq, const float* x, int xstride,
+                  int n, float* out, int ostride) {
+    for (int k = 0; k < nl; ++k) {
+        if (r < ls[k].out) return dot_rows(ls[k], r, xq, x, xstride, n, out, ostride);
         r -= ls[k].out;
     }
-    return 0.f;
 }
 
 void rms_norm(const float* x, const float* w, float* y, int n, float eps) {
@@ -330,96 +352,116 @@ inline void split(int n, int t, int nt, int& a, int& b) {
     b = (int)((long long)n * (t + 1) / nt);
 }
 
+// A chunk of n consecutive tokens (n = 1 when decoding) through every block; the last one's
+// logits. Each thread runs `run` with its index; phases meet at the barrier.
 struct Step {
     const OqModel& m;
-    float* h;  // residual stream (hidden)
-    float* qkv;
-    float* attn;
-    float* act;
-    float* scores;  // (n_heads, max_pos)
-    float* logits;
-    int pos;
-    bool want_logits;
+    float* h;       // (n, hidden): the residual streams
+    float* qkv;     // (n, q_rows + 2 kv_rows)
+    float* attn;    // (n, q_rows)
+    float* act;     // (n, inter)
+    float* logits;  // (vocab) or null
+    int pos, n;     // the first token's position, the chunk's length
     Barrier barrier;
+
+    void quantize_all(std::vector<Q8>& xq, const float* x, int width) const {
+        for (int j = 0; j < n; ++j) xq[j].quantize(x + (size_t)j * width, width);
+    }
+
+    void norm_all(const float* w, float* out) const {
+        for (int j = 0; j < n; ++j)
+            rms_norm(h + (size_t)j * m.hidden, w, out + (size_t)j * m.hidden, m.hidden, m.eps);
+    }
 
     void run(int t) {
         const int nt = m.n_threads, H = m.hidden, D = m.head_dim;
-        std::vector<float> normed(H > m.inter ? H : m.inter);
-        Q8 xq;
-        xq.bits = m.act_bits;
-        const int q_rows = m.n_heads * D, kv_rows = m.n_kv * D;
+        const int q_rows = m.n_heads * D, kv_rows = m.n_kv * D, width = q_rows + 2 * kv_rows;
+        std::vector<float> normed((size_t)n * H);
+        std::vector<float> scores(m.max_pos);
+        std::vector<Q8> xq(n);
+        for (auto& x : xq) x.bits = m.act_bits;
+        int a, b;
         for (int li = 0; li < m.n_layers; ++li) {
             const OqLayer& L = m.layers[li];
             // attention norm (every thread its own copy) and q/k/v rows
-            rms_norm(h, L.attn_norm, normed.data(), H, m.eps);
-            xq.quantize(normed.data(), H);
-            int a, b;
-            split(q_rows + 2 * kv_rows, t, nt, a, b);
-            rows(L.qkv, L.n_qkv, a, b, xq, normed.data(), qkv);
+            norm_all(L.attn_norm, normed.data());
+            quantize_all(xq, normed.data(), H);
+            split(width, t, nt, a, b);
+            for (int r = a; r < b; ++r)
+                stacked_rows(L.qkv, L.n_qkv, r, xq.data(), normed.data(), H, n, qkv + r, width);
             barrier.wait();
-            // keys and values into the cache, by kv head
-            const float* cs = m.cos + (size_t)pos * m.rot_dim;
-            const float* sn = m.sin + (size_t)pos * m.rot_dim;
-            split(m.n_kv, t, nt, a, b);
-            for (int kh = a; kh < b; ++kh) {
-                float* k = qkv + q_rows + kh * D;
+            // keys and values into the cache, by (token, kv head)
+            split(n * m.n_kv, t, nt, a, b);
+            for (int u = a; u < b; ++u) {
+                const int j = u / m.n_kv, kh = u % m.n_kv, p = pos + j;
+                float* k = qkv + (size_t)j * width + q_rows + kh * D;
                 if (L.k_norm) rms_norm(k, L.k_norm, k, D, m.qk_eps);
-                rope(k, cs, sn, m.rot_dim);
-                size_t at = ((size_t)kh * m.max_pos + pos) * D;
+                rope(k, m.cos + (size_t)p * m.rot_dim, m.sin + (size_t)p * m.rot_dim, m.rot_dim);
+                size_t at = ((size_t)kh * m.max_pos + p) * D;
                 std::memcpy(L.k_cache + at, k, D * sizeof(float));
-                std::memcpy(L.v_cache + at, qkv + q_rows + kv_rows + kh * D, D * sizeof(float));
+                std::memcpy(L.v_cache + at, k + kv_rows, D * sizeof(float));
             }
             barrier.wait();
-            // attention, by query head
-            split(m.n_heads, t, nt, a, b);
-            const int first = L.window > 0 && pos + 1 > L.window ? pos + 1 - L.window : 0;
-            for (int qh = a; qh < b; ++qh) {
-                float* q = qkv + qh * D;
+            // attention, by (token, query head)
+            split(n * m.n_heads, t, nt, a, b);
+            for (int u = a; u < b; ++u) {
+                const int j = u / m.n_heads, qh = u % m.n_heads, p = pos + j;
+                const int first = L.window > 0 && p + 1 > L.window ? p + 1 - L.window : 0;
+                float* q = qkv + (size_t)j * width + qh * D;
                 if (L.q_norm) rms_norm(q, L.q_norm, q, D, m.qk_eps);
-                rope(q, cs, sn, m.rot_dim);
+                rope(q, m.cos + (size_t)p * m.rot_dim, m.sin + (size_t)p * m.rot_dim, m.rot_dim);
                 const int kh = qh / (m.n_heads / m.n_kv);
                 const float* kc = L.k_cache + (size_t)kh * m.max_pos * D;
                 const float* vc = L.v_cache + (size_t)kh * m.max_pos * D;
-                float* sc = scores + (size_t)qh * m.max_pos;
                 float top = -INFINITY;
-                for (int j = first; j <= pos; ++j) {
-                    sc[j] = dot_f32(kc + (size_t)j * D, q, D) * m.scaling;
-                    top = std::fmax(top, sc[j]);
+                for (int i = first; i <= p; ++i) {
+                    scores[i] = dot_f32(kc + (size_t)i * D, q, D) * m.scaling;
+                    top = std::fmax(top, scores[i]);
                 }
                 float total = 0.f;
-                for (int j = first; j <= pos; ++j) total += (sc[j] = std::exp(sc[j] - top));
-                float* o = attn + qh * D;
+                for (int i = first; i <= p; ++i) total += (scores[i] = std::exp(scores[i] - top));
+                float* o = attn + (size_t)j * q_rows + qh * D;
                 for (int d = 0; d < D; ++d) o[d] = 0.f;
-                for (int j = first; j <= pos; ++j) {
-                    const float p = sc[j] / total;
-                    const float* v = vc + (size_t)j * D;
-                    for (int d = 0; d < D; ++d) o[d] += p * v[d];
+                for (int i = first; i <= p; ++i) {
+                    const float w = scores[i] / total;
+                    const float* v = vc + (size_t)i * D;
+                    for (int d = 0; d < D; ++d) o[d] += w * v[d];
                 }
             }
             barrier.wait();
-            // output projection, added to the residual stream
-            xq.quantize(attn, q_rows);
+            // output projection, added to the residual streams
+            quantize_all(xq, attn, q_rows);
             split(H, t, nt, a, b);
-            for (int r = a; r < b; ++r) h[r] += dot_row(L.o, r, xq, attn);
-            barrier.wait();
-            // MLP: gate and up rows of the same index in one thread, then the activation
-            rms_norm(h, L.mlp_norm, normed.data(), H, m.eps);
-            xq.quantize(normed.data(), H);
-            split(m.inter, t, nt, a, b);
+            std::vector<float> y(n);
             for (int r = a; r < b; ++r) {
-                float g = stacked_row(L.mlp_in, L.n_mlp_in, r, xq, normed.data());
-                float u = stacked_row(L.mlp_in, L.n_mlp_in, m.inter + r, xq, normed.data());
-                act[r] = activation(g, m.act) * u;
+                dot_rows(L.o, r, xq.data(), attn, q_rows, n, y.data(), 1);
+                for (int j = 0; j < n; ++j) h[(size_t)j * H + r] += y[j];
             }
             barrier.wait();
-            xq.quantize(act, m.inter);
+            // MLP: gate and up rows of the same index in one thread, then the activation
+            norm_all(L.mlp_norm, normed.data());
+            quantize_all(xq, normed.data(), H);
+            split(m.inter, t, nt, a, b);
+            std::vector<float> gate(n), up(n);
+            for (int r = a; r < b; ++r) {
+                stacked_rows(L.mlp_in, L.n_mlp_in, r, xq.data(), normed.data(), H, n, gate.data(), 1);
+                stacked_rows(L.mlp_in, L.n_mlp_in, m.inter + r, xq.data(), normed.data(), H, n,
+                             up.data(), 1);
+                for (int j = 0; j < n; ++j)
+                    act[(size_t)j * m.inter + r] = activation(gate[j], m.act) * up[j];
+            }
+            barrier.wait();
+            quantize_all(xq, act, m.inter);
             split(H, t, nt, a, b);
-            for (int r = a; r < b; ++r) h[r] += dot_row(L.down, r, xq, act);
+            for (int r = a; r < b; ++r) {
+                dot_rows(L.down, r, xq.data(), act, m.inter, n, y.data(), 1);
+                for (int j = 0; j < n; ++j) h[(size_t)j * H + r] += y[j];
+            }
             barrier.wait();
         }
-        if (!want_logits) return;
-        rms_norm(h, m.final_norm, normed.data(), H, m.eps);
-        int a, b;
+        if (!logits) return;
+        const float* last = h + (size_t)(n - 1) * H;
+        rms_norm(last, m.final_norm, normed.data(), H, m.eps);
         split(m.vocab, t, nt, a, b);
         for (int r = a; r < b; ++r) {
             float y = m.head_half ? dot_f16((const uint16_t*)m.head + (size_t)r * H, normed.data(), H)
@@ -441,29 +483,33 @@ int oq_avx2() {
 #endif
 }
 
-// Bytes of scratch `oq_step` needs.
+// Floats of scratch `oq_step` needs per token of a chunk.
 int64_t oq_scratch_floats(const OqModel* m) {
-    return (int64_t)m->n_heads * m->head_dim * 2 + 2 * (int64_t)m->n_kv * m->head_dim + m->inter +
-           (int64_t)m->n_heads * m->max_pos;
+    return (int64_t)m->n_heads * m->head_dim * 2 + 2 * (int64_t)m->n_kv * m->head_dim + m->inter;
 }
 
-// One token at position `pos`: h is the residual stream (hidden floats, read and written),
-// scratch has oq_scratch_floats floats, logits (vocab floats) is written when not null.
-int oq_step(const OqModel* m, int32_t token, int32_t pos, float* h, float* scratch, float* logits) {
-    if (pos < 0 || pos >= m->max_pos || token < 0 || token >= m->vocab) return 1;
+// n tokens at positions pos .. pos + n - 1 (a prompt's chunk; n = 1 when decoding): h holds
+// n x hidden floats (the residual streams, overwritten), scratch n x oq_scratch_floats floats;
+// logits (vocab floats), when not null, gets the last token's.
+int oq_step(const OqModel* m, const int32_t* tokens, int32_t n, int32_t pos, float* h,
+            float* scratch, float* logits) {
+    if (n < 1 || pos < 0 || pos + n > m->max_pos) return 1;
     const int H = m->hidden;
-    if (m->head_half) {
-        const uint16_t* e = (const uint16_t*)m->embedding + (size_t)token * H;
-        for (int i = 0; i < H; ++i) h[i] = half_to_float(e[i]);
-    } else {
-        std::memcpy(h, (const float*)m->embedding + (size_t)token * H, H * sizeof(float));
+    for (int j = 0; j < n; ++j) {
+        const int token = tokens[j];
+        if (token < 0 || token >= m->vocab) return 1;
+        float* hj = h + (size_t)j * H;
+        if (m->head_half) {
+            const uint16_t* e = (const uint16_t*)m->embedding + (size_t)token * H;
+            for (int i = 0; i < H; ++i) hj[i] = half_to_float(e[i]);
+        } else {
+            std::memcpy(hj, (const float*)m->embedding + (size_t)token * H, H * sizeof(float));
+        }
     }
-    Step s{*m, h, nullptr, nullptr, nullptr, nullptr, logits, pos, logits != nullptr, {}};
     const int q_rows = m->n_heads * m->head_dim, kv_rows = m->n_kv * m->head_dim;
-    s.qkv = scratch;
-    s.attn = s.qkv + q_rows + 2 * kv_rows;
-    s.act = s.attn + q_rows;
-    s.scores = s.act + m->inter;
+    Step s{*m, h, scratch, nullptr, nullptr, logits, pos, n, {}};
+    s.attn = s.qkv + (size_t)n * (q_rows + 2 * kv_rows);
+    s.act = s.attn + (size_t)n * q_rows;
     s.barrier.n = m->n_threads;
     std::vector<std::thread> workers;
     for (int t = 1; t < m->n_threads; ++t) workers.emplace_back([&s, t] { s.run(t); });
