@@ -4,6 +4,7 @@ runs, its int8-activation arithmetic reproduced in PyTorch, and its refusals."""
 from __future__ import annotations
 
 import io
+import platform
 
 import pytest
 import torch
@@ -331,3 +332,19 @@ def test_a_prompt_fed_in_chunks_gives_what_token_by_token_gives(act):
     decoder.reset()
     decoder.prefill(prompt[:20])  # a prompt, then more tokens: positions carry on
     assert torch.equal(decoder.prefill(prompt[20:]), chunked)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the x86-64 baseline")
+@pytest.mark.parametrize("act", [16, 8])
+def test_the_portable_loops_compute_what_the_avx2_ones_do(act):
+    """Built for plain x86-64 (no AVX2: the portable loops), the step gives the same logits up to
+    float summation order, chunked prompt and decode steps alike."""
+    from omniquant.kernels.native import library
+
+    model = round_to_grid(model_of("phi3", layers=1), 4, 32, only=("gate_up_proj",))
+    fast = NativeDecoder(model, head="float16", threads=2, activations=act)
+    plain = NativeDecoder(model, head="float16", threads=2, activations=act)
+    plain.lib = library("x86-64")
+    assert plain.lib.oq_avx2() == 0
+    assert rel_err(plain.prefill(IDS).clone(), fast.prefill(IDS)) < 1e-4
+    assert rel_err(native_logits(plain, IDS), native_logits(fast, IDS)) < 1e-4

@@ -149,13 +149,16 @@ def cpu_flags() -> str:
     return "\n".join(sorted({x for x in lines if x.startswith(wanted)}))
 
 
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL:
-    """The compiled native decoder (built once per source and compiler, then cached)."""
+@lru_cache(maxsize=2)
+def library(march: str = "native") -> ctypes.CDLL:
+    """The compiled native decoder (built once per source, compiler and CPU, then cached).
+    `march` other than "native" builds for that target instead (tests build "x86-64", whose
+    portable loops run where AVX2 is missing)."""
     cxx = compiler()
+    flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     # -march=native: a library built on one CPU may not run on another (a shared home folder)
-    parts = (SOURCE.read_text(), " ".join(FLAGS), version, cpu_flags())
+    parts = (SOURCE.read_text(), " ".join(flags), version, cpu_flags())
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     target = CACHE / f"native_decoder-{key[:16]}.so"
     if not target.exists():
@@ -163,7 +166,7 @@ def library() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # no half-written library left
             built = Path(tmp) / target.name
             run = subprocess.run(
-                [cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True
+                [cxx, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True
             )
             if run.returncode != 0:
                 raise ConfigError(
