@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--native",
         action="store_true",
         help="decode on the CPU through omniquant's native decoder: every block and the head in "
-        "one C++ call per token, 2-4-bit grids as they were learned, int8 activations (built with "
+        "one C++ call per token, 2-4-bit grids as they were learned, int16 activations (built with "
         "the machine's C++ compiler on first use, seconds). Llama, Mistral, Qwen2/3, Phi-3; not "
         "with --kernels or --compile",
     )

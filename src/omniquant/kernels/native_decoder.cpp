@@ -1,12 +1,13 @@
-// The native decode step of `omniquant.kernels.native` (see its docstring): one token through
-// every decoder block and the head, in one call, on the CPU threads given.
+// The native decode step of `omniquant.kernels.native` (see its docstring): a chunk of tokens
+// (one when decoding) through every decoder block and the head, in one call, on the CPU threads
+// given.
 //
 // Linear weights: 4-bit codes (2/3-bit codes use the low values), 32 per 16 bytes (byte j holds
 // code j in its low nibble and code j + 16 in its high nibble), with a float32 scale s and
 // minimum m per group (w = q * s + m; groups are whole 32-blocks, a ragged last group included);
-// or float32 rows for a linear without a grid. The vector a linear reads is quantized to int8 in
-// blocks of 32 (one float32 step per block), as llama.cpp's Q8 does, for the integer dot product;
-// the minimum's term uses the float sums of the vector. The head and a tied embedding are float16
+// or float32 rows for a linear without a grid. The vector a linear reads is rounded to int16 (default)
+// or int8 (as llama.cpp's Q8) in blocks of 32, one float32 step per block, for an integer dot
+// product; the minimum's term uses the float sums of the vector. The head and a tied embedding are float16
 // or float32. Everything else (norms, RoPE, attention, activation) is float32.
 #include <atomic>
 #include <cmath>
