@@ -95,14 +95,12 @@ def generate(
     native=True decodes a fake-quantized model (with its grids) through `kernels.native`'s
     one-call C++ decode step on the CPU, its head in `head` (float32 or float16)."""
     check_generation(prompt, max_new_tokens, temperature)
-    device = next(model.parameters()).device
-    if native:
+    if native:  # refuses a model that is not on the CPU
         from omniquant.kernels.native import NativeDecoder
 
-        if device.type != "cpu":
-            raise ConfigError("the native decoder runs on the CPU: use --device cpu")
         decoder = NativeDecoder(model, head=head)
         return generate_native(decoder, tokenizer, prompt, max_new_tokens, temperature, chat, out)
+    device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
     streamer = None
     if out is not None:
