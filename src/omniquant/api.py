@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from omniquant import __version__
 from omniquant.activations import (
@@ -775,15 +778,22 @@ def measure_perplexity(
     progress: bool = True,
     kernels: bool = False,
     head: str = "float32",
+    native: bool = False,
 ) -> PerplexityResult:
     """`evaluate`, with the text and the windows it was measured on."""
     check_eval_settings(seqlen, max_windows, batch_size)
     check_device(device)
-    check_head(head, kernels)
+    check_head(head, kernels or native)
     given = isinstance(model, nn.Module)
     if given and kernels:
         raise ConfigError("kernels=True needs a model path; or pass load(path, kernels=True)[0]")
+    if native:
+        check_native_settings(kernels, device)
     text = load_text(dataset, split=EVAL_SPLITS.get(dataset, "train"))  # before the model
+    if native:
+        return _native_perplexity(
+            model, tokenizer, text, dataset, seqlen, max_windows, head, progress
+        )
     if not given:
         model, tokenizer = load(model, kernels=kernels, device=device, progress=progress, head=head)
     if tokenizer is None:
@@ -800,6 +810,51 @@ def measure_perplexity(
     return PerplexityResult(ppl, dataset, seqlen, windows.shape[0])
 
 
+def check_native_settings(kernels: bool, device: str) -> None:
+    """Refuse, before loading, what the native decoder cannot be combined with; find the C++
+    compiler it is built with."""
+    from omniquant.kernels.native import compiler
+
+    if kernels:
+        raise ConfigError("the native decoder runs its own kernels: drop --kernels (kernels=True)")
+    if device != "cpu":
+        raise ConfigError(f"the native decoder runs on the CPU, not {device}: use --device cpu")
+    compiler()
+
+
+def _native_perplexity(
+    model: str | os.PathLike[str] | nn.Module | None,
+    tokenizer: Any,
+    text: str,
+    dataset: str,
+    seqlen: int,
+    max_windows: int | None,
+    head: str,
+    progress: bool,
+) -> PerplexityResult:
+    """Perplexity through the native decoder: each window fed through its KV cache in chunks,
+    every position's logits kept (`NativeDecoder.sequence_logits`)."""
+    from omniquant.kernels.native import NativeDecoder
+
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ModelError(
+                "pass the tokenizer with a model object: evaluate(model, tokenizer=...)"
+            )
+        decoder = NativeDecoder(model, head=head)
+    else:
+        decoder, tokenizer = load_native(model, head=head, progress=progress)
+    windows = eval_windows(
+        tokenize_text(tokenizer, text), seqlen, bos_token_id(tokenizer), max_windows
+    )
+    total, count = 0.0, 0
+    for window in tqdm(windows, desc="perplexity (native)", leave=False, disable=not progress):
+        logits = decoder.sequence_logits(window.tolist())[:-1]
+        total += float(F.cross_entropy(logits, window[1:], reduction="sum"))
+        count += window.numel() - 1
+    return PerplexityResult(math.exp(total / count), dataset, seqlen, windows.shape[0])
+
+
 def evaluate(
     model: str | os.PathLike[str] | nn.Module | None = None,
     *,
@@ -812,11 +867,14 @@ def evaluate(
     progress: bool = True,
     kernels: bool = False,
     head: str = "float32",
+    native: bool = False,
 ) -> float:
     """Perplexity per the austen-v1 protocol (defaults) or on another text source.
 
     kernels=True (a quantized folder given by path): the perplexity of the model as it runs with
-    the integer kernels (`load(path, kernels=True)`), bf16 activations included."""
+    the integer kernels (`load(path, kernels=True)`), bf16 activations included.
+    native=True: as the native decoder runs it (`load_native`; int16 activations, the KV cache,
+    `head` float32 or float16), on the CPU."""
     return measure_perplexity(
         model,
         tokenizer=tokenizer,
@@ -828,6 +886,7 @@ def evaluate(
         progress=progress,
         kernels=kernels,
         head=head,
+        native=native,
     ).perplexity
 
 

@@ -494,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the quantized model as it runs with the integer kernels (bf16 activations) "
         "instead of its fake-quantized float form (quantized folders only)",
     )
+    e.add_argument(
+        "--native",
+        action="store_true",
+        help="measure the model as omniquant's native decoder runs it on the CPU (one C++ call "
+        "per 16 tokens through its KV cache; int16 activations; see generate --native); "
+        "perplexity only, not with --kernels",
+    )
     _add_head(e)
     _add_runtime(e)
 
@@ -728,6 +735,10 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    if a.native and a.tasks:
+        raise ConfigError("--native measures perplexity: drop --tasks (or --native)")
+    if a.native:
+        api.check_native_settings(a.kernels, a.device)
     if a.tasks:
         perplexity_only = {k: v for k, v in EVAL_DEFAULTS.items() if k != "eval_batch_size"}
         refuse_unused(
@@ -757,8 +768,9 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
         progress=not a.quiet,
         kernels=a.kernels,
         head=a.head,
+        native=a.native,
     )
-    result = {**ppl.to_dict(), "kernels": a.kernels, "head": a.head}
+    result = {**ppl.to_dict(), "kernels": a.kernels, "native": a.native, "head": a.head}
     print(json.dumps({"model": a.model, **result}))
     return result
 
@@ -867,15 +879,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def check_native(kernels: bool, compile: bool, device: str) -> None:
-    """Refuse, before loading, what --native cannot be combined with; find the compiler."""
-    from omniquant.kernels.native import compiler
-
-    if kernels or compile:
-        flag = "--kernels" if kernels else "--compile"
-        raise ConfigError(f"--native decodes on its own: drop {flag}")
-    if device != "cpu":
-        raise ConfigError(f"--native runs on the CPU, not {device}: drop --device or --native")
-    compiler()
+    """Refuse, before loading, what generate --native cannot be combined with."""
+    if compile:
+        raise ConfigError("--native decodes on its own: drop --compile")
+    api.check_native_settings(kernels, device)
 
 
 COMMANDS = {

@@ -348,3 +348,36 @@ def test_the_portable_loops_compute_what_the_avx2_ones_do(act):
     assert plain.lib.oq_avx2() == 0
     assert rel_err(plain.prefill(IDS).clone(), fast.prefill(IDS)) < 1e-4
     assert rel_err(native_logits(plain, IDS), native_logits(fast, IDS)) < 1e-4
+
+
+def test_every_positions_logits_in_chunks_equal_the_steps():
+    model = round_to_grid(model_of("mistral"), 3, 32)
+    decoder = NativeDecoder(model, head="float16", threads=2)
+    ids = [int(t) for t in torch.randint(3, VOCAB, (35,), generator=torch.Generator())]
+    every = decoder.sequence_logits(ids)
+    assert every.shape == (35, VOCAB) and decoder.position == 35
+    assert torch.equal(every, native_logits(decoder, ids))
+
+
+@pytest.mark.skipif(not AUSTEN_RDB.exists(), reason="needs the Austen corpus")
+def test_eval_native_measures_the_decoders_perplexity(tiny_llama_folder, tmp_path, capsys):
+    import json
+
+    from omniquant.config import CalibConfig, OmniQuantConfig
+
+    config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2))
+    out = tmp_path / "q"
+    api.quantize(tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False)
+    settings = {"seqlen": 64, "max_windows": 3, "progress": False}
+    fake = api.evaluate(out, **settings)
+    native = api.evaluate(out, native=True, head="float32", **settings)
+    assert native != fake and abs(native / fake - 1) < 1e-3  # int16 activations: close, not equal
+    args = ["eval", str(out), "--eval-seqlen", "64", "--eval-windows", "3", "--quiet"]
+    capsys.readouterr()
+    assert main([*args, "--native"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["native"] is True and row["windows"] == 3
+    assert row["perplexity"] == pytest.approx(native, rel=1e-6)
+    for extra, message in [(["--kernels"], "drop --kernels"), (["--tasks", "piqa"], "drop --tasks")]:
+        assert main([*args, "--native", *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -179,7 +179,7 @@ def library(march: str = "native") -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.oq_step.restype = ctypes.c_int
     lib.oq_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
-    lib.oq_step.argtypes += [ctypes.c_void_p] * 3
+    lib.oq_step.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int32]
     lib.oq_scratch_floats.restype = ctypes.c_int64
     lib.oq_scratch_floats.argtypes = [ctypes.c_void_p]
     lib.oq_avx2.restype = ctypes.c_int
@@ -401,22 +401,26 @@ class NativeDecoder:
         self.h = torch.empty(CHUNK, self.hidden)
         self.chunk = torch.empty(CHUNK, dtype=torch.int32)
         self.logits = torch.empty(self.vocab)
+        self.chunk_logits = torch.empty(CHUNK, self.vocab)
 
     # -- running -------------------------------------------------------------------------------
 
-    def _run(self, tokens: list[int], logits: bool) -> torch.Tensor | None:
-        """Feed up to CHUNK tokens at the next positions (one native call); the last one's logits
-        when asked."""
+    def _run(self, tokens: list[int], logits: bool, every: bool = False) -> torch.Tensor | None:
+        """Feed up to CHUNK tokens at the next positions (one native call): the last one's
+        logits (vocab,) when asked, or every one's (len(tokens), vocab) with `every`."""
         self.reserve(self.position + len(tokens))
         self.chunk[: len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
-        out = _ptr(self.logits) if logits else None
+        target = self.chunk_logits if every else self.logits
+        out = _ptr(target) if logits or every else None
         rc = self.lib.oq_step(
             ctypes.byref(self.model), _ptr(self.chunk), len(tokens), self.position,
-            _ptr(self.h), _ptr(self.scratch), out,
+            _ptr(self.h), _ptr(self.scratch), out, int(every),
         )  # fmt: skip
         if rc != 0:
             raise ConfigError(f"a token of {tokens} at position {self.position} is out of range")
         self.position += len(tokens)
+        if every:
+            return self.chunk_logits[: len(tokens)]
         return self.logits if logits else None
 
     def step(self, token: int, logits: bool = True) -> torch.Tensor | None:
@@ -438,6 +442,20 @@ class NativeDecoder:
             part = [int(t) for t in ids[start : start + CHUNK]]
             out = self._run(part, logits=start + CHUNK >= len(ids))
         assert out is not None
+        return out
+
+    def sequence_logits(self, ids: list[int]) -> torch.Tensor:
+        """Every position's logits (len(ids), vocab) for a sequence fed from an empty cache, CHUNK
+        tokens per call (each head row read once per chunk); row i equals what `step` gives for
+        ids[i] after ids[:i]."""
+        if not ids:
+            raise ConfigError("the sequence has no tokens")
+        self.reset()
+        self.reserve(len(ids))
+        out = torch.empty(len(ids), self.vocab)
+        for start in range(0, len(ids), CHUNK):
+            part = [int(t) for t in ids[start : start + CHUNK]]
+            out[start : start + len(part)] = self._run(part, logits=True, every=True)
         return out
 
     def tokens(

@@ -361,8 +361,9 @@ struct Step {
     float* qkv;     // (n, q_rows + 2 kv_rows)
     float* attn;    // (n, q_rows)
     float* act;     // (n, inter)
-    float* logits;  // (vocab) or null
+    float* logits;  // (vocab), (n, vocab) with all_logits, or null
     int pos, n;     // the first token's position, the chunk's length
+    bool all_logits;
     Barrier barrier;
 
     void quantize_all(std::vector<Q8>& xq, const float* x, int width) const {
@@ -461,13 +462,19 @@ struct Step {
             barrier.wait();
         }
         if (!logits) return;
-        const float* last = h + (size_t)(n - 1) * H;
-        rms_norm(last, m.final_norm, normed.data(), H, m.eps);
+        // the head: the last token's logits, or every token's (each head row read once for all)
+        const int first = all_logits ? 0 : n - 1;
+        for (int j = first; j < n; ++j)
+            rms_norm(h + (size_t)j * H, m.final_norm, normed.data() + (size_t)(j - first) * H, H,
+                     m.eps);
         split(m.vocab, t, nt, a, b);
         for (int r = a; r < b; ++r) {
-            float y = m.head_half ? dot_f16((const uint16_t*)m.head + (size_t)r * H, normed.data(), H)
-                                  : dot_f32((const float*)m.head + (size_t)r * H, normed.data(), H);
-            logits[r] = m.head_bias ? y + m.head_bias[r] : y;
+            for (int j = 0; j < n - first; ++j) {
+                const float* x = normed.data() + (size_t)j * H;
+                float y = m.head_half ? dot_f16((const uint16_t*)m.head + (size_t)r * H, x, H)
+                                      : dot_f32((const float*)m.head + (size_t)r * H, x, H);
+                logits[(size_t)j * m.vocab + r] = m.head_bias ? y + m.head_bias[r] : y;
+            }
         }
     }
 };
@@ -491,9 +498,10 @@ int64_t oq_scratch_floats(const OqModel* m) {
 
 // n tokens at positions pos .. pos + n - 1 (a prompt's chunk; n = 1 when decoding): h holds
 // n x hidden floats (the residual streams, overwritten), scratch n x oq_scratch_floats floats;
-// logits (vocab floats), when not null, gets the last token's.
+// logits, when not null, gets the last token's (vocab floats) or, with all_logits, every
+// token's (n x vocab floats).
 int oq_step(const OqModel* m, const int32_t* tokens, int32_t n, int32_t pos, float* h,
-            float* scratch, float* logits) {
+            float* scratch, float* logits, int32_t all_logits) {
     if (n < 1 || pos < 0 || pos + n > m->max_pos) return 1;
     const int H = m->hidden;
     for (int j = 0; j < n; ++j) {
@@ -508,7 +516,7 @@ int oq_step(const OqModel* m, const int32_t* tokens, int32_t n, int32_t pos, flo
         }
     }
     const int q_rows = m->n_heads * m->head_dim, kv_rows = m->n_kv * m->head_dim;
-    Step s{*m, h, scratch, nullptr, nullptr, logits, pos, n, {}};
+    Step s{*m, h, scratch, nullptr, nullptr, logits, pos, n, all_logits != 0, {}};
     s.attn = s.qkv + (size_t)n * (q_rows + 2 * kv_rows);
     s.act = s.attn + (size_t)n * q_rows;
     s.barrier.n = m->n_threads;
