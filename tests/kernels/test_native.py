@@ -378,6 +378,7 @@ def test_eval_native_measures_the_decoders_perplexity(tiny_llama_folder, tmp_pat
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["native"] is True and row["windows"] == 3
     assert row["perplexity"] == pytest.approx(native, rel=1e-6)
-    for extra, message in [(["--kernels"], "drop --kernels"), (["--tasks", "piqa"], "drop --tasks")]:
+    refused = [(["--kernels"], "drop --kernels"), (["--tasks", "piqa"], "drop --tasks")]
+    for extra, message in refused:
         assert main([*args, "--native", *extra]) == 2
         assert message in capsys.readouterr().err
