@@ -822,6 +822,29 @@ def check_native_settings(kernels: bool, device: str) -> None:
     compiler()
 
 
+def check_native_config(config: OmniQuantConfig) -> None:
+    """Refuse, from a run's recorded settings and before any weight is read, what the native
+    decoder cannot run."""
+    from omniquant.kernels.native import BLOCK
+
+    w = config.weight
+    if config.act.enabled:
+        raise ConfigError(
+            f"this model quantizes activations ({config.label}): the native decoder runs "
+            "weight-only models; decode it without --native"
+        )
+    if w.bits > 4:
+        raise ConfigError(
+            f"the native decoder runs 2-4-bit weights, this model has {w.bits} bits; decode "
+            "it without --native"
+        )
+    if w.group_size is not None and w.group_size % BLOCK:
+        raise ConfigError(
+            f"the native decoder needs groups of a multiple of 32, this model has "
+            f"{w.group_size}; quantize with --group-size 32/64/128 or per channel"
+        )
+
+
 def _native_perplexity(
     model: str | os.PathLike[str] | nn.Module | None,
     tokenizer: Any,
@@ -977,6 +1000,8 @@ def load_native(
     folder = Path(str(path)) if path is not None else None
     record = read_run_record(folder) if folder is not None and folder.is_dir() else None
     config = record_config(record) if record is not None else None
+    if config is not None:
+        check_native_config(config)
     if folder is not None and config is not None and record_format(record) == "omniquant-packed":
         model, tokenizer, _ = load_packed(
             folder,

@@ -382,3 +382,28 @@ def test_eval_native_measures_the_decoders_perplexity(tiny_llama_folder, tmp_pat
     for extra, message in refused:
         assert main([*args, "--native", *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not AUSTEN_RDB.exists(), reason="needs the Austen corpus")
+def test_a_rounded_untied_head_decodes_and_activation_runs_are_refused_before_loading(
+    tiny_llama_folder, tmp_path, monkeypatch
+):
+    from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig
+    from omniquant.formats import packed
+
+    calib = CalibConfig(method="rtn", nsamples=2)
+    out = tmp_path / "head"
+    config = OmniQuantConfig(WeightQuant(4, 32), calib=calib, quantize_lm_head=True)
+    api.quantize(tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False)
+    direct, _ = api.load_native(out, head="float32")
+    fake_model = api.load(out)[0]
+    fake = NativeDecoder(fake_model, head="float32")
+    assert direct.embedding is not direct.head  # --quantize-lm-head unties the head
+    assert torch.equal(direct.head, fake.head)
+    assert torch.equal(native_logits(direct, IDS), native_logits(fake, IDS))
+    acts = tmp_path / "w4a8"
+    config = OmniQuantConfig(WeightQuant(4, 32), ActQuant(8), calib=calib)
+    api.quantize(tiny_llama_folder, config, output=acts, format="omniquant-packed", progress=False)
+    monkeypatch.setattr(packed, "load_packed", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ConfigError, match="quantizes activations"):
+        api.load_native(acts)

@@ -180,10 +180,12 @@ def load_packed(
                 group_size=effective_group_size(linear.in_features, config.weight.group_size),
                 in_features=linear.in_features,
             )
-            if native:
+            # the head of a --quantize-lm-head run is dequantized: the decoder's head is float
+            native_codes = native and linear is not model.get_output_embeddings()
+            if native_codes:
                 check_grid(name, qp)
             codes = unpack_rows(file.get_tensor(f"{name}.qweight"), qp.bits, linear.in_features)
-            if native:
+            if native_codes:
                 setattr(linear, NATIVE_CODES_ATTR, pack_codes(codes))
                 setattr(linear, QPARAMS_ATTR, qp)
             elif kernels:
@@ -195,7 +197,7 @@ def load_packed(
             del codes
             release_free_memory()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if native:  # the gridded linears' weights stay on meta: their codes stand for them
+    if native:  # the gridded block linears' weights stay on meta: their codes stand for them
         left = [n for n in left if n.removesuffix(".weight") not in grids]
     if left:
         raise ModelError(f"{folder}: no tensor in the file for {left[:5]}")
