@@ -12,8 +12,7 @@ doing it all in native code. `NativeDecoder` does the same for our grids, withou
   row's dot product is an integer one (AVX2 `madd_epi16`); the minimum's term uses the vector's
   float sums. Int16 keeps the fake-quantized model's austen-v1 perplexity (41.7308 against
   41.7320 at W4A16g128). `activations=8` rounds to int8 instead, as llama.cpp's Q8 does (AVX2
-  `maddubs`): faster, but +2.6% perplexity on SmolLM2, whose activation outliers coarsen their
-  blocks;
+  `maddubs`): faster, but +2.6% perplexity on SmolLM2;
 * a prompt goes CHUNK tokens per call, each block of codes widened once for 4 tokens; compiled
   with -ffp-contract=off, a token's arithmetic is the same on every path (chunk or single step);
 * norms, RoPE (the model's own rotary tables, so every scaling transformers implements),
