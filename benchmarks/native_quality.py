@@ -30,6 +30,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("folder", type=Path, help="a folder written by omniquant (fake or packed)")
     p.add_argument("--windows", type=int, default=80, help="austen-v1 windows (default all 80)")
+    p.add_argument(
+        "--dataset", default="austen:emma", help="the text (default austen:emma; debian:policy ...)"
+    )
     p.add_argument("--head", default="float16", choices=["float16", "float32"])
     p.add_argument("--activations", type=int, default=16, choices=[8, 16], help="integer bits")
     p.add_argument("--threads", type=int, default=2)
@@ -42,7 +45,7 @@ def main() -> int:
     from omniquant.kernels.native import NativeDecoder
 
     model, tokenizer = api.load(a.folder)
-    tokens = tokenize_text(tokenizer, load_text("austen:emma"))
+    tokens = tokenize_text(tokenizer, load_text(a.dataset))
     windows = eval_windows(tokens, 512, bos_token_id(tokenizer), a.windows)
     decoder = NativeDecoder(model, head=a.head, threads=a.threads, activations=a.activations)
     nll_torch = nll_native = 0.0
@@ -65,6 +68,7 @@ def main() -> int:
     ppl_torch, ppl_native = math.exp(nll_torch / count), math.exp(nll_native / count)
     row = {
         "label": a.label or a.folder.name,
+        "dataset": a.dataset,
         "windows": len(windows),
         "tokens": count,
         "head": a.head,

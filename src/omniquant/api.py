@@ -825,24 +825,14 @@ def check_native_settings(kernels: bool, device: str) -> None:
 def check_native_config(config: OmniQuantConfig) -> None:
     """Refuse, from a run's recorded settings and before any weight is read, what the native
     decoder cannot run."""
-    from omniquant.kernels.native import BLOCK
+    from omniquant.kernels.native import check_bits_and_group
 
-    w = config.weight
     if config.act.enabled:
         raise ConfigError(
             f"this model quantizes activations ({config.label}): the native decoder runs "
             "weight-only models; decode it without --native"
         )
-    if w.bits > 4:
-        raise ConfigError(
-            f"the native decoder runs 2-4-bit weights, this model has {w.bits} bits; decode "
-            "it without --native"
-        )
-    if w.group_size is not None and w.group_size % BLOCK:
-        raise ConfigError(
-            f"the native decoder needs groups of a multiple of 32, this model has "
-            f"{w.group_size}; quantize with --group-size 32/64/128 or per channel"
-        )
+    check_bits_and_group("this model", config.weight.bits, config.weight.group_size)
 
 
 def _native_perplexity(

@@ -60,6 +60,16 @@ class _Writer:
         self.out.flush()
 
 
+def _writer(tokenizer: Any, out: TextIO | None, prompt: str, chat: bool) -> _Writer | None:
+    """The streamer writing to `out` (the prompt first, unless it went through a chat template),
+    or None without `out`."""
+    if out is None:
+        return None
+    if not chat:
+        out.write(prompt)
+    return _Writer(tokenizer, out, skip=1)
+
+
 def compile_options(device: torch.device) -> dict[str, Any]:
     """`generate` options for compiled decoding: a static cache and a compile config. Transformers
     compiles on its own only on accelerators; the CPU gains as well, so it is asked to there."""
@@ -102,11 +112,7 @@ def generate(
         return generate_native(decoder, tokenizer, prompt, max_new_tokens, temperature, chat, out)
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
-    streamer = None
-    if out is not None:
-        if not chat:
-            out.write(prompt)
-        streamer = _Writer(tokenizer, out, skip=1)
+    streamer = _writer(tokenizer, out, prompt, chat)
     sampling = (
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
@@ -139,11 +145,8 @@ def generate_native(
     end-of-sequence ids."""
     check_generation(prompt, max_new_tokens, temperature)
     ids = prompt_ids(tokenizer, prompt, chat)
-    streamer = None
-    if out is not None:
-        if not chat:
-            out.write(prompt)
-        streamer = _Writer(tokenizer, out, skip=1)
+    streamer = _writer(tokenizer, out, prompt, chat)
+    if streamer is not None:
         streamer.put(ids)
     new = []
     for token in decoder.tokens(ids[0].tolist(), max_new_tokens, temperature, decoder.eos_ids):

@@ -207,18 +207,27 @@ def group_starts(qp: LinearQParams) -> torch.Tensor:
     return torch.tensor([s // BLOCK for s in starts], dtype=torch.int32)
 
 
-def check_grid(name: str, qp: LinearQParams) -> None:
-    """Refuse a grid the native blocks cannot hold, naming the setting that fits."""
-    if qp.bits > 4:
+def check_bits_and_group(where: str, bits: int, group_size: int | None) -> None:
+    """Refuse weight settings the native blocks cannot hold, naming the setting that fits."""
+    if bits > 4:
         raise ConfigError(
-            f"{name}: the native decoder runs 2-4-bit weights, this one has {qp.bits} bits; "
-            f"decode {qp.bits}-bit models without --native"
+            f"{where}: the native decoder runs 2-4-bit weights, this one has {bits} bits; "
+            f"decode {bits}-bit models without --native"
         )
-    if qp.in_features % BLOCK or qp.group_size % BLOCK:
+    if group_size is not None and group_size % BLOCK:
         raise ConfigError(
-            f"{name}: the native decoder needs groups of a multiple of 32 on a width that is a "
-            f"multiple of 32 (this one: group {qp.group_size}, width {qp.in_features}); quantize "
-            f"with --group-size 32/64/128 or per channel"
+            f"{where}: the native decoder needs groups of a multiple of 32 (this one: group "
+            f"{group_size}); quantize with --group-size 32/64/128 or per channel"
+        )
+
+
+def check_grid(name: str, qp: LinearQParams) -> None:
+    """Refuse a linear's grid the native blocks cannot hold (bits, group, width)."""
+    check_bits_and_group(name, qp.bits, qp.group_size)
+    if qp.in_features % BLOCK:
+        raise ConfigError(
+            f"{name}: the native decoder needs a width that is a multiple of 32, this one has "
+            f"{qp.in_features}; decode it without --native"
         )
 
 

@@ -133,9 +133,11 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// One row of 4-bit codes against an int16 vector, in portable code (with AVX2, `dot_rows` runs
-// int16 inputs through dot_q4_16_tile instead).
-inline float dot_q4_16(const OqLinear& l, int row, const Q8& x) {
+// One row of 4-bit codes against an int8 or int16 vector (its values `xq`), in portable code: the
+// int8 path without AVX2, and int16 wherever `dot_rows` does not take it (there, with AVX2,
+// dot_q4_16_tile runs it).
+template <typename T>
+inline float dot_q4_portable(const OqLinear& l, int row, const T* xq, const Q8& x) {
     const uint8_t* codes = l.codes + (size_t)row * (l.in / 2);
     const float* s = l.scale + (size_t)row * l.n_groups;
     const float* m = l.minimum + (size_t)row * l.n_groups;
@@ -144,9 +146,9 @@ inline float dot_q4_16(const OqLinear& l, int row, const Q8& x) {
         float xs = 0.f, part = 0.f;
         for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
             const uint8_t* c = codes + b * 16;
-            const int16_t* xq = x.q16.data() + b * QK;
+            const T* xb = xq + b * QK;
             int isum = 0;
-            for (int j = 0; j < 16; ++j) isum += (c[j] & 15) * xq[j] + (c[j] >> 4) * xq[j + 16];
+            for (int j = 0; j < 16; ++j) isum += (c[j] & 15) * xb[j] + (c[j] >> 4) * xb[j + 16];
             part += x.step[b] * (float)isum;
             xs += x.sum[b];
         }
@@ -156,14 +158,14 @@ inline float dot_q4_16(const OqLinear& l, int row, const Q8& x) {
     return total + minimum_term;
 }
 
-// One row of 4-bit codes against an int8 vector.
+// One row of 4-bit codes against an int8 (or, portably, int16) vector.
 inline float dot_q4(const OqLinear& l, int row, const Q8& x) {
-    if (x.bits == 16) return dot_q4_16(l, row, x);
+    if (x.bits == 16) return dot_q4_portable(l, row, x.q16.data(), x);
+#ifdef OQ_AVX2
     const uint8_t* codes = l.codes + (size_t)row * (l.in / 2);
     const float* s = l.scale + (size_t)row * l.n_groups;
     const float* m = l.minimum + (size_t)row * l.n_groups;
     float minimum_term = 0.f;
-#ifdef OQ_AVX2
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps();
@@ -182,21 +184,7 @@ inline float dot_q4(const OqLinear& l, int row, const Q8& x) {
     }
     return hsum(acc) + minimum_term;
 #else
-    float total = 0.f;
-    for (int g = 0; g < l.n_groups; ++g) {
-        float xs = 0.f, part = 0.f;
-        for (int b = l.group_start[g]; b < l.group_start[g + 1]; ++b) {
-            const uint8_t* c = codes + b * 16;
-            const int8_t* xq = x.q.data() + b * QK;
-            int isum = 0;
-            for (int j = 0; j < 16; ++j) isum += (c[j] & 15) * xq[j] + (c[j] >> 4) * xq[j + 16];
-            part += x.step[b] * (float)isum;
-            xs += x.sum[b];
-        }
-        total += s[g] * part;
-        minimum_term += m[g] * xs;
-    }
-    return total + minimum_term;
+    return dot_q4_portable(l, row, x.q.data(), x);
 #endif
 }
 
