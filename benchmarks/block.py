@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from omniquant.calibrate import Runtime, calibrate_blocks
+from omniquant.block_loop import calibrate_blocks
 from omniquant.capture import capture_block_inputs
 from omniquant.config import CalibConfig, WeightQuant
 from omniquant.models import decoder_layers, get_architecture
+from omniquant.runtime import Runtime
 
 
 def main() -> None:

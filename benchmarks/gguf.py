@@ -137,7 +137,7 @@ def text_file(work: Path, dataset: str) -> Path:
 def float_gguf(work: Path) -> Path:
     """The embedded SmolLM2 (float32) as an f32 GGUF, by our writer."""
     import omniquant
-    from omniquant.formats.gguf import write_float_gguf
+    from omniquant.formats.gguf.writer import write_float_gguf
 
     path = work / "float-f32.gguf"
     if not path.exists():
@@ -175,7 +175,7 @@ def importance_matrix(bins: Path, work: Path, source: Path, calib: Path, threads
 def our_gguf(work: Path, label: str, folder: Path, output: str) -> tuple[Path, float]:
     """Export a quantize folder as GGUF; returns the file and the fake-quantized perplexity."""
     import omniquant
-    from omniquant.formats.gguf import GGUF_FILE, GgufOptions
+    from omniquant.formats.gguf.writer import GGUF_FILE, GgufOptions
 
     out = work / f"ours-{label}-out{output}"
     if not out.exists():
@@ -258,7 +258,7 @@ def check_families(bins: Path, work: Path) -> list[dict[str, Any]]:
     a tiny byte-level BPE tokenizer): llama-perplexity over a short text must finish and print
     a perplexity (the metadata, tensor names and shapes are what llama.cpp expects)."""
     from omniquant.config import WeightQuant
-    from omniquant.formats.gguf import GGUF_FILE, write_gguf
+    from omniquant.formats.gguf.writer import GGUF_FILE, write_gguf
     from tests.formats.test_gguf import TEXT, byte_bpe_tokenizer, gguf_tiny_model, rtn
 
     text = work / "tiny.txt"
@@ -298,7 +298,7 @@ def check_tokenizers(bins: Path, work: Path) -> list[dict[str, Any]]:
     gives, on text with repeated spaces, tabs, newlines and characters outside the vocabulary
     (byte fallback)."""
     from omniquant.config import WeightQuant
-    from omniquant.formats.gguf import GGUF_FILE, write_gguf
+    from omniquant.formats.gguf.writer import GGUF_FILE, write_gguf
     from tests.formats.test_gguf import (
         SAMPLES,
         TEXT,
@@ -381,7 +381,7 @@ def _rope_row(
     threads: int,
 ) -> dict[str, Any]:
     """transformers (llama-perplexity's protocol) and llama-perplexity on one model."""
-    from omniquant.formats.gguf import write_float_gguf
+    from omniquant.formats.gguf.writer import write_float_gguf
 
     write_float_gguf(model, tokenizer, path, "f32")
     ids = tokenizer(text.read_text())["input_ids"]

@@ -73,16 +73,17 @@ def packed_folder(cache: Path, variant: str, shape: Path | None) -> Path:
     if shape is None:
         api.quantize("smollm2", config, output=folder, format="omniquant-packed", progress=False)
         return folder
-    from omniquant.calibrate import calibrate_blocks
+    from omniquant.block_loop import calibrate_blocks
     from omniquant.capture import capture_block_inputs
     from omniquant.formats.packed import write_packed
     from omniquant.models import decoder_layers, get_architecture
+    from omniquant.runtime import runtime_for
 
     model = random_model(shape)
     blocks = decoder_layers(model, get_architecture(model))
     ids = torch.randint(3, 1000, (2, 64))
     captured = capture_block_inputs(model, blocks, list(ids.split(1)), "cpu")
-    calibrate_blocks(blocks, captured, config.weight, config.calib, api.runtime_for("cpu"))
+    calibrate_blocks(blocks, captured, config.weight, config.calib, runtime_for("cpu"))
     write_packed(model, None, {"config": config.to_dict()}, folder)
     return folder
 

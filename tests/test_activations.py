@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from omniquant.activations import ActivationStore, MemoryBudget, parse_bytes, peak_rss_bytes
-from omniquant.calibrate import LoopMemory, Runtime, calibrate_blocks
+from omniquant.block_loop import LoopMemory, calibrate_blocks
 from omniquant.capture import capture_block_inputs
 from omniquant.config import CalibConfig, WeightQuant
 from omniquant.models import decoder_layers, get_architecture
+from omniquant.runtime import Runtime
 from omniquant.transforms.let import attention_shape, plan_let
 from tests.conftest import random_ids, tiny_model
 

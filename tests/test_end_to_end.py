@@ -10,7 +10,6 @@ from torch import nn
 
 import omniquant
 from omniquant import end_to_end
-from omniquant.calibrate import Runtime
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.end_to_end import (
     StepLinear,
@@ -23,6 +22,7 @@ from omniquant.end_to_end import (
 from omniquant.errors import ConfigError
 from omniquant.quant.primitives import minmax_params, to_groups
 from omniquant.quant.qparams import QPARAMS_ATTR, dequantize, from_affine, weight_codes
+from omniquant.runtime import Runtime
 from tests.conftest import VOCAB, needs_austen, random_ids, tiny_model
 
 RUNTIME = Runtime(progress=False)

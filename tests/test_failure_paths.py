@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import omniquant
-from omniquant import api, calibrate, cli
+from omniquant import api, block_loop, cli
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ModelError
 from omniquant.model_io import load_model
@@ -144,7 +144,7 @@ def test_a_kill_while_writing_keeps_the_blocks_and_resume_only_writes(
     def no_training(*a, **k):
         raise AssertionError("a finished block was trained again")
 
-    monkeypatch.setattr(calibrate, "train_block", no_training)
+    monkeypatch.setattr(block_loop, "train_block", no_training)
     with caplog.at_level("INFO", logger="omniquant"):
         rc, out_text, _ = run(capsys, *args, "--resume")
     assert rc == 0 and "2 blocks" in out_text
@@ -482,7 +482,7 @@ def test_export_takes_threads_and_shows_its_progress(runs, tmp_path, capsys):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_pack_rows_of_uint8_codes_matches_a_bit_by_bit_reference(bits):
-    from omniquant.formats.packing import pack_rows, unpack_rows
+    from omniquant.quant.packing import pack_rows, unpack_rows
 
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2**bits, (3, 77), generator=g, dtype=torch.int64)

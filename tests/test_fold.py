@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from omniquant.calibrate import (
+from omniquant.block_loop import (
     BlockData,
     Runtime,
     _extra_on_device,
@@ -131,7 +131,7 @@ def test_folding_lets_go_of_the_unquantized_weights() -> None:
     import gc
     import weakref
 
-    from omniquant.calibrate import objective
+    from omniquant.block_loop import objective
 
     model = tiny_model("llama")
     blocks = decoder_layers(model, get_architecture(model))

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from omniquant.api import runtime_for
-from omniquant.calibrate import calibrate_blocks
+from omniquant.block_loop import calibrate_blocks
 from omniquant.capture import capture_block_inputs
 from omniquant.config import CalibConfig, WeightQuant
 from omniquant.models import block_linears, decoder_layers, get_architecture
 from omniquant.quant.primitives import to_groups
+from omniquant.runtime import runtime_for
 from tests.conftest import random_ids, tiny_model
 
 pytestmark = [

@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from omniquant.api import calibration_batches
-from omniquant.calibrate import Runtime, calibrate_blocks
+from omniquant.block_loop import calibrate_blocks
 from omniquant.capture import capture_block_inputs
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.model_io import load_model
 from omniquant.models import decoder_layers, get_architecture
+from omniquant.runtime import Runtime
 from tests.conftest import needs_austen
 
 pytestmark = [needs_austen, pytest.mark.slow]

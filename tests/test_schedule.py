@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from omniquant.calibrate import BlockData, Runtime, attach_block_quant, train_block
+from omniquant.block_loop import BlockData, attach_block_quant, train_block
 from omniquant.capture import BlockArgs
 from omniquant.config import CalibConfig, WeightQuant
 from omniquant.errors import ConfigError
+from omniquant.runtime import Runtime
 from omniquant.schedule import lr_factor
 
 

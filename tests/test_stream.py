@@ -247,13 +247,13 @@ def test_grid_parts_merge_into_one_file_and_are_removed(tmp_path):
 def test_only_streamed_runs_map_large_allocations(tokenizer, tmp_path, monkeypatch):
     import sys
 
-    import omniquant.calibrate as calibrate_mod
+    import omniquant.block_loop as block_loop_mod
     from omniquant.memory import map_large_allocations
 
     if sys.platform.startswith("linux"):
         assert map_large_allocations()  # glibc takes the setting
     calls = []
-    monkeypatch.setattr(calibrate_mod, "map_large_allocations", lambda: calls.append(1))
+    monkeypatch.setattr(block_loop_mod, "map_large_allocations", lambda: calls.append(1))
     folder = _folder("llama", tokenizer, tmp_path)
     omniquant.quantize(folder, _config(), output=tmp_path / "mem", progress=False)
     assert calls == []

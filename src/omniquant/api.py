@@ -30,7 +30,7 @@ from omniquant.activations import (
     peak_rss_bytes,
     work_factor,
 )
-from omniquant.calibrate import BlockReport, LoopMemory, Runtime, StateStore, calibrate_blocks
+from omniquant.block_loop import BlockReport, LoopMemory, StateStore, calibrate_blocks
 from omniquant.capture import CapturedInputs, capture_block_inputs
 from omniquant.config import OmniQuantConfig
 from omniquant.data import bos_token_id, calibration_windows, eval_windows, load_text, tokenize_text
@@ -44,7 +44,7 @@ from omniquant.formats import (
     resolve_format,
     write_packed_format,
 )
-from omniquant.formats.gguf import GGUF_FILE, GgufOptions, check_gguf_tokenizer
+from omniquant.formats.gguf.writer import GGUF_FILE, GgufOptions, check_gguf_tokenizer
 from omniquant.formats.packed import load_packed, use_kernels
 from omniquant.kernels.head import HEAD_DTYPES, use_half_head
 from omniquant.memory import parameters_on_meta
@@ -57,6 +57,7 @@ from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import GRIDS_FILE, attach_grids, save_grids
 from omniquant.report import write_run_report
 from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_format
+from omniquant.runtime import Runtime, check_device, runtime_for
 from omniquant.stream import (
     SafetensorsWeights,
     ShardWriter,
@@ -76,7 +77,6 @@ log = logging.getLogger(__name__)
 REPORT_FILE = RUN_FILE
 OUTPUT_STAGE = "output"  # the final folder is written here inside <output>.partial, then renamed
 EVAL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -87,37 +87,6 @@ class QuantizeResult:
     tokenizer: Any
     report: dict[str, Any]
     output: Path | None
-
-
-def check_device(device: str) -> torch.device:
-    """The device, refused unless it is the CPU or an available CUDA device."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"unknown device {device!r}; use --device cpu or cuda (cuda:N)") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported; use --device cpu or cuda (cuda:N)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"--device {device} was asked but no CUDA device is available; use --device cpu"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices"
-        )
-    return dev
-
-
-def runtime_for(device: str, dtype: str = "auto", progress: bool = True) -> Runtime:
-    """Device and autocast choice: 'auto' is float32 on the CPU and bf16 autocast on CUDA."""
-    dev = check_device(device)
-    if dtype == "auto":
-        autocast = torch.bfloat16 if dev.type == "cuda" else None
-    elif dtype in DTYPES:
-        autocast = None if dtype == "float32" else DTYPES[dtype]
-    else:
-        raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return Runtime(device=dev, autocast_dtype=autocast, progress=progress)
 
 
 def let_plan_for(model: nn.Module, arch: Architecture, config: OmniQuantConfig) -> LetPlan | None:

@@ -22,7 +22,7 @@ from omniquant.demo import DEMO_DEFAULTS, demo_rows, demo_table, recipe
 from omniquant.errors import ConfigError, OmniQuantError
 from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
 from omniquant.formats import FORMATS
-from omniquant.formats.gguf import APPROXIMATE_TYPES, FLOAT_TYPES, GgufOptions
+from omniquant.formats.gguf.writer import APPROXIMATE_TYPES, FLOAT_TYPES, GgufOptions
 from omniquant.kernels.head import HEAD_DTYPES
 from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval

@@ -240,3 +240,33 @@ class OmniQuantConfig:
             else:
                 raise ConfigError(f"unknown config key {key!r}")
         return cls(**kwargs)
+
+
+def unused_settings(calib: CalibConfig) -> list[tuple[list[str], str]]:
+    """Settings given a value of their own that the run would ignore, each group with the
+    setting it needs: ([`let_alpha`], "let")."""
+    d = CalibConfig()
+    groups: list[tuple[list[str], str]] = []
+    if not calib.let:
+        changed = [n for n in ("let_alpha", "let_lr") if getattr(calib, n) != getattr(d, n)]
+        groups.append((changed, "let"))
+    if not calib.e2e_epochs:
+        changed = [n for n in ("e2e_lr", "e2e_loss", "e2e_topk") if getattr(calib, n) != getattr(d, n)]
+        groups.append((changed, "e2e_epochs"))
+    return [(names, needs) for names, needs in groups if names]
+
+
+def check_run(config: OmniQuantConfig) -> None:
+    """Every check of a quantization run that needs no model: what `quantize` and the CLI both
+    refuse before anything is loaded. Settings are named as `config` fields in backticks; the
+    CLI names them as its flags (`cli.flag_names`)."""
+    calib = config.calib
+    for names, needs in unused_settings(calib):
+        listed = ", ".join(f"`{n}`" for n in names)
+        verb = "applies" if len(names) == 1 else "apply"
+        raise ConfigError(f"{listed} only {verb} with `{needs}`: set `{needs}`, or drop {listed}")
+    if calib.method == "omniquant" and calib.epochs == 0:
+        raise ConfigError(
+            "`epochs` 0 trains nothing: the result would be the untrained clipping start, not "
+            "OmniQuant; use `method` rtn for round-to-nearest, or `epochs` 1 or more"
+        )

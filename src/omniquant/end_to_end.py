@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from omniquant.calibrate import Runtime
 from omniquant.config import CalibConfig
 from omniquant.guard import Guard, fell_back_message
 from omniquant.quant.primitives import from_groups, num_groups, to_groups
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, weight_codes
+from omniquant.runtime import Runtime
 from omniquant.schedule import lr_factor
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omniquant.austen import read_austen
+from omniquant.data.austen import read_austen
 from omniquant.eval.austen_tasks import (
     DISTRACTORS,
     build_docs,

@@ -14,17 +14,16 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError, ExportError
-from omniquant.formats.gguf import (
+from omniquant.formats.gguf.writer import (
     GGUF_FILE,
     GgufOptions,
     check_gguf_setting,
     check_gguf_widths,
-    dequantized_linear,
     gguf_architecture,
     permute_qk,
     write_gguf,
 )
-from omniquant.formats.gguf_vocab import pre_tokenizer_name
+from omniquant.formats.gguf.vocab import pre_tokenizer_name
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
 from tests.conftest import tiny_config
 
@@ -36,6 +35,17 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 8 + "0123456789 Hello, 
 # tokenizer applies them changes its ids
 _letters = np.random.default_rng(0).integers(0, 5, size=(600, 6))
 WORDS = " ".join("".join("abcde"[i] for i in row[: 3 + k % 4]) for k, row in enumerate(_letters))
+
+
+def dequantized_linear(path: Path, gguf_name: str) -> np.ndarray:
+    """A tensor of a GGUF file dequantized by the `gguf` package."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    for t in GGUFReader(str(path)).tensors:
+        if t.name == gguf_name:
+            return dequantize(t.data, t.tensor_type)
+    raise KeyError(gguf_name)
 
 
 def byte_bpe_tokenizer() -> PreTrainedTokenizerFast:
@@ -120,10 +130,10 @@ def gguf_tiny_model(family: str, vocab: int, seed: int = 0) -> torch.nn.Module:
 
 def rtn(model: torch.nn.Module, weight: WeightQuant) -> OmniQuantConfig:
     """Round-to-nearest every block linear in place, leaving its grid on it."""
-    from omniquant.api import runtime_for
-    from omniquant.calibrate import calibrate_blocks
+    from omniquant.block_loop import calibrate_blocks
     from omniquant.capture import capture_block_inputs
     from omniquant.models import decoder_layers, get_architecture
+    from omniquant.runtime import runtime_for
 
     blocks = decoder_layers(model, get_architecture(model))
     ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator())
@@ -350,7 +360,7 @@ def test_quantize_refuses_before_loading_and_writes_atomically(tiny_llama_folder
 
 
 def test_a_float_model_written_as_f32_gguf_loads_back_exactly(tmp_path):
-    from omniquant.formats.gguf import write_float_gguf
+    from omniquant.formats.gguf.writer import write_float_gguf
 
     tokenizer = byte_bpe_tokenizer()
     model = gguf_tiny_model("qwen2", len(tokenizer))
@@ -472,7 +482,7 @@ def spm_greedy(text: str, vocab: Any, prefix: bool) -> list[int]:
 
 @pytest.mark.parametrize("style", ["prepend", "no-prefix"])
 def test_merging_by_the_written_scores_is_the_tokenizers_bpe(style):
-    from omniquant.formats.gguf_vocab import tokenizer_vocab
+    from omniquant.formats.gguf.vocab import tokenizer_vocab
 
     tokenizer = sentencepiece_tokenizer(style)
     vocab = tokenizer_vocab(tokenizer, len(tokenizer))
@@ -483,7 +493,7 @@ def test_merging_by_the_written_scores_is_the_tokenizers_bpe(style):
 
 
 def test_merge_scores_are_minus_the_first_rank_that_makes_a_token():
-    from omniquant.formats.gguf_vocab import merge_scores
+    from omniquant.formats.gguf.vocab import merge_scores
 
     vocab = {"a": 0, "b": 1, "ab": 2, "abb": 3, "c": 4}
     assert merge_scores(vocab, ["a b", ["ab", "b"], "a bb", ["a", "b"]]) == {2: -1.0, 3: -2.0}
@@ -492,7 +502,7 @@ def test_merge_scores_are_minus_the_first_rank_that_makes_a_token():
 def test_tokenizers_llama_cpp_cannot_reproduce_are_refused_naming_what_was_found():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from omniquant.formats.gguf_vocab import check_gguf_tokenizer
+    from omniquant.formats.gguf.vocab import check_gguf_tokenizer
 
     tok = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -623,7 +633,7 @@ def test_rope_scaling_llama_cpp_would_run_differently_is_refused(family, rope, m
 
 def test_a_scaled_models_folder_loads_back_with_its_scaling(tmp_path):
     from omniquant.api import load_gguf_folder
-    from omniquant.formats.gguf import write_gguf_folder
+    from omniquant.formats.gguf.writer import write_gguf_folder
 
     tokenizer = byte_bpe_tokenizer()
     model = scaled_model("llama", LLAMA3_ROPE, len(tokenizer))

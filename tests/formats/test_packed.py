@@ -83,10 +83,10 @@ def test_a_refused_export_leaves_nothing_on_disk(tiny_llama_folder, tmp_path):
 
 
 def _rtn_model(family):
-    from omniquant.api import runtime_for
-    from omniquant.calibrate import calibrate_blocks
+    from omniquant.block_loop import calibrate_blocks
     from omniquant.capture import capture_block_inputs
     from omniquant.models import decoder_layers, get_architecture
+    from omniquant.runtime import runtime_for
     from tests.conftest import random_ids, tiny_model
 
     model = tiny_model(family)

@@ -8,7 +8,7 @@ from torch.nn.utils import parametrize
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
 from omniquant.quant.lwc import LWC
 from omniquant.quant.recompute import recompute_weights
-from tests.test_calibrate import _run
+from tests.test_block_loop import _run
 
 SPEC = WeightQuant(bits=3, group_size=16)
 

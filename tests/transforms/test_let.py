@@ -95,7 +95,7 @@ def test_an_untied_qk_scale_would_break_rotary_attention():
 def test_learnable_let_parametrization_is_exact_and_folds_like_fold_site(family):
     """LET attached as parametrizations (training form) keeps the block's function, gets
     gradients, and folds to the same tensors as the pure fold maths."""
-    from omniquant.calibrate import fold_parametrizations
+    from omniquant.block_loop import fold_parametrizations
     from omniquant.transforms.let import LetParams, attach_let, plan_let
 
     model, arch, block, x, extra = _block_and_args(family)
@@ -126,9 +126,10 @@ def test_learnable_let_parametrization_is_exact_and_folds_like_fold_site(family)
 
 
 def test_reference_start_scales_v_to_o_from_float_statistics_and_direct_scales_are_floored():
-    from omniquant.calibrate import Runtime, _extra_on_device, gather_stats
+    from omniquant.block_loop import _extra_on_device, gather_stats
     from omniquant.capture import capture_block_inputs
     from omniquant.models import decoder_layers, get_architecture
+    from omniquant.runtime import Runtime
     from omniquant.transforms.let import LetParams, plan_let
     from tests.conftest import random_ids, tiny_model
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from omniquant.austen import read_austen
+from omniquant.data.austen import read_austen
 from omniquant.errors import DataError
 from omniquant.eval.choice_task import ChoiceDoc, write_choice_task
 

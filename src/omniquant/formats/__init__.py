@@ -24,7 +24,7 @@ from omniquant.formats.compressed_tensors import (
     check_compressed_tensors_widths,
     write_compressed_tensors,
 )
-from omniquant.formats.gguf import (
+from omniquant.formats.gguf.writer import (
     GgufOptions,
     check_gguf_setting,
     check_gguf_widths,

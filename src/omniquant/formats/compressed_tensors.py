@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from omniquant.config import OmniQuantConfig
 from omniquant.errors import ExportError
-from omniquant.formats.packing import pack_columns, pack_rows
+from omniquant.quant.packing import pack_columns, pack_rows
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, weight_codes
 
 PACKED_BITS = (2, 4, 8)  # widths whose dense packing every compressed-tensors version reads alike

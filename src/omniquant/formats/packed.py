@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from omniquant.config import OmniQuantConfig
 from omniquant.errors import ModelError
 from omniquant.formats.compressed_tensors import linears_to_export, quantized_linears
-from omniquant.formats.packing import pack_rows, unpack_rows
 from omniquant.kernels.linear import QuantLinear
 from omniquant.kernels.native import NATIVE_CODES_ATTR, check_grid, pack_codes
 from omniquant.memory import parameters_on_meta, release_free_memory
+from omniquant.quant.packing import pack_rows, unpack_rows
 from omniquant.quant.primitives import effective_group_size
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
 from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_format

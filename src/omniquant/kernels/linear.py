@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from omniquant.formats.packing import pack_rows, unpack_rows
+from omniquant.quant.packing import pack_rows, unpack_rows
 from omniquant.quant.qparams import LinearQParams, dequantize, expand_groups
 
 INT4_GROUPS = (256, 128, 64, 32)

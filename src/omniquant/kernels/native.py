@@ -20,10 +20,11 @@ doing it all in native code. `NativeDecoder` does the same for our grids, withou
   embedding in float16 (as `--head float16`, llama.cpp's default) or float32.
 
 The step is data-driven from the family's `Architecture` and config (q/k/v as one or three
-linears, gate/up as one or two, biases, q/k norms, grouped-query attention, sliding windows):
-Llama, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3. Gemma 3 (scaled embeddings, sandwich norms, soft
-caps) and LayerNorm families are refused, as are activation quantization and grids the blocks
-cannot hold (5-8 bits; groups that are not multiples of 32).
+linears, gate/up as one or two, biases, q/k norms, grouped-query attention, sliding windows).
+It runs the families whose record says so (`Architecture.native` is None: today Llama, SmolLM2,
+Mistral, Qwen2, Qwen3, Phi-3); the others are refused with the record's reason (Gemma 3: scaled
+embeddings, sandwich norms, soft caps; OPT: LayerNorm, no RoPE), as are activation quantization
+and grids the blocks cannot hold (5-8 bits; groups that are not multiples of 32).
 
 The C++ source (`native_decoder.cpp`) is compiled on first use with the machine's C++ compiler
 (`-O3 -march=native`; AVX2/FMA/F16C where the CPU has them, portable loops otherwise) and cached
@@ -538,9 +539,11 @@ def rotary_module(model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.T
 
 
 def check_supported(model: nn.Module, arch: Architecture, config: Any) -> None:
-    """Refuse, before packing anything, a model the native step does not compute exactly."""
-    reasons = []
-    if arch.norm_kind not in ("rms", "rms_offset") or not arch.rotary:
+    """Refuse, before packing anything, a model the native step does not compute exactly: a
+    family whose record says why (`Architecture.native`), and, whatever the record says, a model
+    whose modules or config the step does not compute."""
+    reasons = [] if arch.native is None else [arch.native]
+    if arch.native is None and (arch.norm_kind not in ("rms", "rms_offset") or not arch.rotary):
         reasons.append(f"{arch.name} uses {arch.norm_kind} norms or no RoPE")
     if type(model.get_input_embeddings()) is not nn.Embedding:
         reasons.append("its embedding is not a plain lookup (scaled or otherwise changed)")

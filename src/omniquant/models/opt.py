@@ -14,4 +14,7 @@ OPT = Architecture(
     mlp_out="fc2",
     norm_kind="layernorm",
     rotary=False,
+    model_types=("opt",),
+    gguf="llama.cpp has no OPT architecture",
+    native="it uses layernorm norms and learned positions, no RoPE",
 )

@@ -1,8 +1,10 @@
-"""The architecture registry, keyed by the Hugging Face model class name."""
+"""The architecture registry, keyed by the Hugging Face model class name; a record is also found
+from a config alone by its `model_type` (`by_model_type`, `architecture_for_config`)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +32,21 @@ REGISTRY: dict[str, Architecture] = {
 def register(class_name: str, arch: Architecture) -> None:
     """Add or replace the architecture used for a Hugging Face model class."""
     REGISTRY[class_name] = arch
+
+
+def by_model_type(model_type: str) -> Architecture | None:
+    """The registered record covering a Hugging Face config `model_type`, or None; a ModelError
+    when two different records claim it."""
+    found = [a for a in dict.fromkeys(REGISTRY.values()) if model_type in a.model_types]
+    if len(found) > 1:
+        names = ", ".join(a.name for a in found)
+        raise ModelError(f"model_type {model_type!r} is claimed by several records ({names})")
+    return found[0] if found else None
+
+
+def architecture_for_config(config: Any) -> Architecture | None:
+    """The registered record of a transformers config (by its `model_type`), or None."""
+    return by_model_type(getattr(config, "model_type", None) or "")
 
 
 def _find_block_list(model: nn.Module) -> str | None:
@@ -73,6 +90,7 @@ def infer_architecture(model: nn.Module) -> Architecture:
         mlp_in=(),
         mlp_out=None,
         rotary=False,
+        native=f"{cls} is not a registered architecture",
     )
 
 

@@ -1,7 +1,8 @@
 """GGUF export: one file that llama.cpp (and everything built on it) runs.
 
-What is written, for a model of a family llama.cpp and transformers' GGUF loader both read
-(Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3; `GGUF_ARCH`):
+What is written, for a model of a family llama.cpp and transformers' GGUF loader both read (a
+record in `omniquant.models` with a `GgufSpec`, found by the config's model_type: today Llama,
+Mistral, Qwen2, Qwen3, Phi-3, Gemma 3; `GGUF_ARCH`):
 
     <folder>/model.gguf      weights, architecture metadata, tokenizer, chat template
     <folder>/omniquant.json  the run's report, `"format": {"name": "gguf", ...}`
@@ -35,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from torch import nn
 
 from omniquant.config import OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError, ExportError
-from omniquant.formats.gguf_rope import (
+from omniquant.formats.gguf.rope import (
     add_rope_scaling,
     check_rope_scaling,
     full_attention_rope,
@@ -54,12 +55,14 @@ from omniquant.formats.gguf_rope import (
     rope_parameters,
     rope_tensors,
 )
-from omniquant.formats.gguf_vocab import (
+from omniquant.formats.gguf.vocab import (
     Vocab,
     add_vocab,
     check_gguf_tokenizer,
     tokenizer_vocab,
 )
+from omniquant.models.architecture import Architecture, GgufSpec
+from omniquant.models.registry import REGISTRY, architecture_for_config
 from omniquant.quant.primitives import effective_group_size
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, expand_groups, weight_codes
 
@@ -75,17 +78,6 @@ APPROXIMATE_HINT = (
     "quantized weights re-quantized per block of 32; its error is reported)"
 )
 
-# Hugging Face model_type -> llama.cpp architecture (Mistral runs as Llama in llama.cpp)
-GGUF_ARCH = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "phi3": "phi3",
-    "gemma3_text": "gemma3",
-}
-# llama.cpp's "llama" architecture rotates adjacent channel pairs; HF's q/k rows are permuted
-PERMUTED_QK = ("llama",)
 # the smallest GGUF type that holds each grid exactly: (bits, symmetric) -> type. Narrower
 # grids fit wider blocks: 2- and 3-bit codes are 4-bit codes that leave levels unused, and every
 # grid of up to 7 bits (signed codes u - z in -127..127) is a Q8_0 block with d = h
@@ -123,6 +115,31 @@ class GgufOptions:
 
 
 # ---------------------------------------------------------------- what GGUF can hold
+
+
+class _GgufArchitectures(Mapping[str, str]):
+    """Hugging Face model_type -> llama.cpp architecture, read from the registered family records
+    (`Architecture.model_types` and `.gguf`) whenever it is looked at."""
+
+    def _table(self) -> dict[str, str]:
+        return {
+            model_type: arch.gguf.arch
+            for arch in REGISTRY.values()
+            if isinstance(arch.gguf, GgufSpec)
+            for model_type in arch.model_types
+        }
+
+    def __getitem__(self, model_type: str) -> str:
+        return self._table()[model_type]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+GGUF_ARCH: Mapping[str, str] = _GgufArchitectures()
 
 
 def gguf_weight_type(spec: WeightQuant) -> str:
@@ -205,31 +222,37 @@ def check_gguf_widths(
             )
 
 
+def gguf_family(hf: Any) -> Architecture:
+    """The family record (with its `GgufSpec`) of a transformers config, or an ExportError
+    saying why the model cannot be written as GGUF (before any weight is loaded)."""
+    model_type = getattr(hf, "model_type", None)
+    family = architecture_for_config(hf)
+    if family is None or not isinstance(family.gguf, GgufSpec):
+        families = ", ".join(sorted(GGUF_ARCH))
+        why = f" ({family.gguf})" if family is not None else ""
+        raise ExportError(
+            f"GGUF export covers the families both llama.cpp and transformers' GGUF loader read "
+            f"({families}); {model_type!r} is not one of them{why}: use --format omniquant-packed"
+        )
+    check_rope_scaling(hf, family.gguf)
+    for refusal in family.gguf.refusals:
+        reason = refusal.check(hf)
+        if reason is not None:
+            raise ExportError(reason)
+    return family
+
+
 def gguf_architecture(hf: Any) -> str:
     """llama.cpp's architecture name for a transformers config, or an ExportError saying why
     the model cannot be written as GGUF (before any weight is loaded)."""
-    model_type = getattr(hf, "model_type", None)
-    arch = GGUF_ARCH.get(model_type or "")
-    if arch is None:
-        families = ", ".join(sorted(GGUF_ARCH))
-        raise ExportError(
-            f"GGUF export covers the families both llama.cpp and transformers' GGUF loader read "
-            f"({families}); {model_type!r} is not one of them: use --format omniquant-packed"
-        )
-    check_rope_scaling(hf, arch)
-    if model_type == "qwen2" and getattr(hf, "use_sliding_window", False):
-        raise ExportError("llama.cpp's qwen2 has no sliding-window attention; use another format")
-    if model_type == "gemma3_text":
-        head_dim = hf.head_dim
-        if getattr(hf, "query_pre_attn_scalar", head_dim) != head_dim:
-            raise ExportError(
-                f"llama.cpp scales Gemma 3 attention by 1/sqrt(head_dim); this model's "
-                f"query_pre_attn_scalar {hf.query_pre_attn_scalar} differs from head_dim "
-                f"{head_dim}: use --format omniquant-packed"
-            )
-        if getattr(hf, "attn_logit_softcapping", None):
-            raise ExportError("llama.cpp's gemma3 has no attention logit soft-capping")
-    return arch
+    return _spec(gguf_family(hf)).arch
+
+
+def _spec(family: Architecture) -> GgufSpec:
+    """The GGUF spec of a record `gguf_family` returned."""
+    if not isinstance(family.gguf, GgufSpec):
+        raise ExportError(f"{family.name} cannot be written as GGUF: {family.gguf}")
+    return family.gguf
 
 
 # ---------------------------------------------------------------- blocks
@@ -327,19 +350,21 @@ def _head_dim(hf: Any) -> int:
     return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
 
 
-def rope_dims(hf: Any, arch: str) -> int:
-    """How many dimensions of each head RoPE rotates (Phi-3 may rotate a part)."""
-    if arch != "phi3":
+def rope_dims(hf: Any, spec: GgufSpec) -> int:
+    """How many dimensions of each head RoPE rotates (`partial_rotary`: Phi-3 may rotate a part)."""
+    if not spec.partial_rotary:
         return _head_dim(hf)
     partial = float(full_attention_rope(hf).get("partial_rotary_factor", 1.0))
     return int(partial * hf.hidden_size) // hf.num_attention_heads
 
 
-def add_metadata(writer: Any, hf: Any, arch: str, name: str, file_type: int) -> None:
-    """Architecture, attention, RoPE and norm parameters, as llama.cpp's loader reads them."""
+def add_metadata(writer: Any, hf: Any, spec: GgufSpec, name: str, file_type: int) -> None:
+    """Architecture, attention, RoPE and norm parameters, as llama.cpp's loader reads them (the
+    optional keys those its architecture reads: `spec.metadata`)."""
     import gguf
 
     head_dim = _head_dim(hf)
+    keys = spec.metadata
     rope = rope_parameters(hf)
     writer.add_name(name)
     writer.add_file_type(file_type)
@@ -356,22 +381,22 @@ def add_metadata(writer: Any, hf: Any, arch: str, name: str, file_type: int) -> 
     writer.add_vocab_size(hf.vocab_size)
     full = full_attention_rope(hf)
     writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
-    if arch == "llama":
-        writer.add_rope_dimension_count(head_dim)
-    add_rope_scaling(writer, hf, arch)
-    if arch == "phi3":
-        writer.add_rope_dimension_count(rope_dims(hf, arch))
+    if "rope_dimension_count" in keys:
+        writer.add_rope_dimension_count(rope_dims(hf, spec))
+    add_rope_scaling(writer, hf, spec)
+    if "original_context" in keys:
         writer.add_rope_scaling_orig_ctx_len(original_context(hf, full))
+    if "sliding_window" in keys:
         writer.add_sliding_window(getattr(hf, "sliding_window", None) or 0)
-    if arch == "gemma3":
+    if "sliding_window_pattern" in keys:
         layer_types = list(getattr(hf, "layer_types", None) or [])
         if "sliding_attention" in layer_types and hf.sliding_window:
             writer.add_sliding_window(hf.sliding_window)
             writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
             local = rope.get("sliding_attention", full)
             writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
-        if getattr(hf, "final_logit_softcapping", None):
-            writer.add_final_logit_softcapping(hf.final_logit_softcapping)
+    if "final_logit_softcapping" in keys and getattr(hf, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(hf.final_logit_softcapping)
 
 
 # ---------------------------------------------------------------- tensors
@@ -385,11 +410,17 @@ def permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return heads.transpose(1, 2).reshape(t.shape)
 
 
-def _qk_heads(hf_name: str, hf: Any) -> int | None:
-    """Heads to permute by, for the q/k projections (weights and biases) of Llama-arch models."""
-    if ".q_proj." in hf_name:
+def _qk_heads(hf_name: str, hf: Any, family: Architecture) -> int | None:
+    """Heads to permute by, for the q/k projections (weights and biases; the record's first two
+    `qkv` paths) of a family whose llama.cpp architecture rotates adjacent pairs."""
+    if not _spec(family).permute_qk:
+        return None
+    if len(family.qkv) != 3:
+        raise ExportError(f"{family.name}: q/k rows are permuted only in separate q, k, v linears")
+    q, k, _ = family.qkv
+    if f".{q}." in hf_name:
         return hf.num_attention_heads
-    if ".k_proj." in hf_name:
+    if f".{k}." in hf_name:
         return getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     return None
 
@@ -433,7 +464,7 @@ def _is_norm(hf_name: str) -> bool:
 
 def model_tensors(
     model: nn.Module,
-    arch: str,
+    family: Architecture,
     options: GgufOptions,
     kind: str,
     matrices: str = "f32",
@@ -444,6 +475,8 @@ def model_tensors(
     blocks (from the grid when `exact`, else re-quantized from the weights, their error
     reported); other matrices are written as `matrices` (f32: exact)."""
     hf = model.config
+    spec = _spec(family)
+    arch = spec.arch
     names = _gguf_names(model, arch)
     tied = bool(getattr(hf, "tie_word_embeddings", False))
     state = model.state_dict()
@@ -459,7 +492,7 @@ def model_tensors(
         name = f"{gguf_base}.{suffix}"
         linear = model.get_submodule(base) if suffix == "weight" else None
         qp = getattr(linear, QPARAMS_ATTR, None) if linear is not None else None
-        heads = _qk_heads(hf_name, hf) if arch in PERMUTED_QK else None
+        heads = _qk_heads(hf_name, hf, family)
         if qp is not None:
             if not exact:
                 data, err = approximate_blocks(tensor, kind)
@@ -472,7 +505,7 @@ def model_tensors(
             out.append(TensorOut(name, data, kind))
             continue
         t = tensor.detach().float()
-        if arch == "gemma3" and _is_norm(hf_name):
+        if family.norm_kind == "rms_offset" and _is_norm(hf_name):
             t = t + 1.0  # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp by weight
         if heads:
             t = permute_qk(t, heads)
@@ -487,7 +520,7 @@ def model_tensors(
         if err:
             errors[name] = err
         out.append(written)
-    for name, data in rope_tensors(hf, arch, rope_dims(hf, arch)).items():
+    for name, data in rope_tensors(hf, spec, rope_dims(hf, spec)).items():
         out.append(TensorOut(name, data))
     return out, errors
 
@@ -499,16 +532,22 @@ def _file_type(kind: str) -> int:
 
 
 def _write_file(
-    path: Path, arch: str, model: nn.Module, vocab: Vocab, tensors: list[TensorOut], ftype: int
+    path: Path,
+    family: Architecture,
+    model: nn.Module,
+    vocab: Vocab,
+    tensors: list[TensorOut],
+    ftype: int,
 ) -> None:
     """The GGUF bytes, written to `<path>.partial` and renamed to `path` when complete."""
     import gguf
 
     name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
     partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), arch)
+    spec = _spec(family)
+    writer = gguf.GGUFWriter(str(partial), spec.arch)
     try:
-        add_metadata(writer, model.config, arch, name, ftype)
+        add_metadata(writer, model.config, spec, name, ftype)
         add_vocab(writer, vocab)
         for t in tensors:
             raw = gguf.GGMLQuantizationType[t.raw_type] if t.raw_type else None
@@ -543,7 +582,7 @@ def write_gguf(
     the relative error of lossy float tensors) for the run report."""
     options = options or GgufOptions()
     check_gguf_setting(config, options)
-    arch = gguf_architecture(model.config)
+    family = gguf_family(model.config)
     widths = {
         name: m.in_features
         for name, m in model.named_modules()
@@ -556,12 +595,12 @@ def write_gguf(
         assert options.approximate is not None
         kind = options.approximate.upper()
     vocab = _vocab_of(model, tokenizer)
-    tensors, errors = model_tensors(model, arch, options, kind, exact=not approximate)
-    _write_file(path, arch, model, vocab, tensors, _file_type(kind))
+    tensors, errors = model_tensors(model, family, options, kind, exact=not approximate)
+    _write_file(path, family, model, vocab, tensors, _file_type(kind))
     return {
         "name": "gguf",
         "file": path.name,
-        "architecture": arch,
+        "architecture": _spec(family).arch,
         "weight_type": kind,
         "exact": not approximate,
         "embeddings": options.embeddings,
@@ -570,14 +609,14 @@ def write_gguf(
         "tokenizer_pre": vocab.pre,
         "relative_rms_error": errors,
         "bits_per_weight": bits_per_weight(tensors),
-        **_scaled_rope(model.config, arch),
+        **_scaled_rope(model.config, _spec(family)),
     }
 
 
-def _scaled_rope(hf: Any, arch: str) -> dict[str, Any]:
+def _scaled_rope(hf: Any, spec: GgufSpec) -> dict[str, Any]:
     """The transformers RoPE settings of a scaled model, for the report: transformers' GGUF
     loader does not read RoPE scaling back, `omniquant.load` takes it from here."""
-    kind = check_rope_scaling(hf, arch)
+    kind = check_rope_scaling(hf, spec)
     if kind == "default":
         return {}
     return {"rope_scaling": kind, "rope_parameters": rope_parameters(hf)}
@@ -590,11 +629,11 @@ def write_float_gguf(model: nn.Module, tokenizer: Any, path: Path, dtype: str = 
 
     if dtype not in ("f32", "f16"):
         raise ConfigError(f"a float GGUF is f32 or f16, not {dtype!r}")
-    arch = gguf_architecture(model.config)
+    family = gguf_family(model.config)
     vocab = _vocab_of(model, tokenizer)
-    tensors, _ = model_tensors(model, arch, GgufOptions(dtype, dtype), "", matrices=dtype)
+    tensors, _ = model_tensors(model, family, GgufOptions(dtype, dtype), "", matrices=dtype)
     ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
-    _write_file(path, arch, model, vocab, tensors, int(ftype))
+    _write_file(path, family, model, vocab, tensors, int(ftype))
 
 
 def bits_per_weight(tensors: list[TensorOut]) -> float:
@@ -629,19 +668,6 @@ def write_gguf_folder(
     (folder / "omniquant.json").write_text(json.dumps({**report, "format": written}, indent=2))
 
 
-def dequantized_linear(path: Path, gguf_name: str) -> np.ndarray:
-    """A tensor of a GGUF file dequantized by the `gguf` package (tests and checks)."""
-    from gguf.quants import dequantize
-
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    for t in reader.tensors:
-        if t.name == gguf_name:
-            return dequantize(t.data, t.tensor_type)
-    raise KeyError(gguf_name)
-
-
 __all__ = [
     "GGUF_ARCH",
     "GGUF_FILE",
@@ -650,6 +676,7 @@ __all__ = [
     "check_gguf_tokenizer",
     "check_gguf_widths",
     "gguf_architecture",
+    "gguf_family",
     "gguf_weight_type",
     "write_float_gguf",
     "write_gguf",

@@ -1,20 +1,20 @@
 """RoPE scaling in a GGUF file, as llama.cpp reads it.
 
 A model trained for long contexts stretches its rotary frequencies; the transformers config says
-how (`rope_parameters["rope_type"]`), and llama.cpp needs the same stretch in the file:
+how (`rope_parameters["rope_type"]`), and llama.cpp needs the same stretch in the file. Which
+kinds a family may use is its record's `GgufSpec.rope_scaling` (`omniquant.models`; today linear
+everywhere, yarn on Llama/Mistral/Qwen2/Qwen3, llama3 on Llama/Mistral, longrope on Phi-3):
 
-    rope_type  families here      written
-    linear     all                rope.scaling.type "linear", rope.scaling.factor f (every
-                                  frequency divided by f)
-    yarn       Llama, Mistral,    rope.scaling.type "yarn", factor, original_context_length
-               Qwen2, Qwen3       (llama.cpp's YaRN defaults: beta_fast 32, beta_slow 1, attention
-                                  factor 0.1 ln f + 1, the ones transformers assumes)
-    llama3     Llama              a tensor rope_freqs (f32, one per frequency pair): the divisor
-                                  llama.cpp applies to each frequency (1 for short wavelengths, f
-                                  for long ones, smoothly between)
-    longrope   Phi-3              tensors rope_factors_short / rope_factors_long (the config's
-                                  lists), rope.scaling.attn_factor and the original context
-                                  (llama.cpp uses the long factors when its context is longer)
+    rope_type  written
+    linear     rope.scaling.type "linear", rope.scaling.factor f (every frequency divided by f)
+    yarn       rope.scaling.type "yarn", factor, original_context_length (llama.cpp's YaRN
+               defaults: beta_fast 32, beta_slow 1, attention factor 0.1 ln f + 1, the ones
+               transformers assumes)
+    llama3     a tensor rope_freqs (f32, one per frequency pair): the divisor llama.cpp applies
+               to each frequency (1 for short wavelengths, f for long ones, smoothly between)
+    longrope   tensors rope_factors_short / rope_factors_long (the config's lists),
+               rope.scaling.attn_factor and the original context (llama.cpp uses the long
+               factors when its context is longer)
 
 Gemma 3 scales only its full-attention layers (linear); its sliding layers must be unscaled, as
 llama.cpp assumes. Anything else (dynamic NTK, YaRN with other betas or attention factors, a
@@ -29,13 +29,9 @@ from typing import Any
 import numpy as np
 
 from omniquant.errors import ExportError
+from omniquant.models.architecture import GgufSpec
+from omniquant.models.registry import REGISTRY
 
-SCALING_ARCHES: dict[str, tuple[str, ...]] = {
-    "linear": ("llama", "qwen2", "qwen3", "phi3", "gemma3"),
-    "yarn": ("llama", "qwen2", "qwen3"),
-    "llama3": ("llama",),
-    "longrope": ("phi3",),
-}
 YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0}
 
 
@@ -69,9 +65,19 @@ def original_context(hf: Any, rope: dict[str, Any]) -> int:
     return int(original or hf.max_position_embeddings)
 
 
-def check_rope_scaling(hf: Any, arch: str) -> str:
-    """The scaling kind of a model llama.cpp's `arch` can run as the config says ('default' for
-    none), or an ExportError saying why not."""
+def scaling_families() -> dict[str, list[str]]:
+    """rope_type -> the registered families GGUF writes it for (from their records)."""
+    out: dict[str, list[str]] = {}
+    for arch in dict.fromkeys(REGISTRY.values()):
+        if isinstance(arch.gguf, GgufSpec):
+            for kind in arch.gguf.rope_scaling:
+                out.setdefault(kind, []).append(arch.name)
+    return out
+
+
+def check_rope_scaling(hf: Any, spec: GgufSpec) -> str:
+    """The scaling kind of a model its family's llama.cpp architecture (`spec`) runs as the
+    config says ('default' for none), or an ExportError saying why not."""
     layers = rope_parameters(hf)
     for layer, rope in layers.items():
         if layer == "sliding_attention" and rope_kind(rope) != "default":
@@ -83,10 +89,10 @@ def check_rope_scaling(hf: Any, arch: str) -> str:
     kind = rope_kind(rope)
     if kind == "default":
         return kind
-    if arch not in SCALING_ARCHES.get(kind, ()):
+    if kind not in spec.rope_scaling:
         raise ExportError(
             f"GGUF export writes RoPE scaling {_supported()}; this model's {kind!r} on llama.cpp's "
-            f"{arch} is not one of them: use --format omniquant-packed"
+            f"{spec.arch} is not one of them: use --format omniquant-packed"
         )
     if kind == "yarn":
         odd = {
@@ -104,7 +110,7 @@ def check_rope_scaling(hf: Any, arch: str) -> str:
 
 
 def _supported() -> str:
-    return ", ".join(f"{k} ({'/'.join(v)})" for k, v in SCALING_ARCHES.items())
+    return ", ".join(f"{k} ({'/'.join(v)})" for k, v in scaling_families().items())
 
 
 def llama3_frequency_divisors(rope: dict[str, Any], dims: int, original: int) -> np.ndarray:
@@ -134,12 +140,12 @@ def longrope_attention_factor(hf: Any, rope: dict[str, Any]) -> float:
     return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
 
 
-def add_rope_scaling(writer: Any, hf: Any, arch: str) -> None:
+def add_rope_scaling(writer: Any, hf: Any, spec: GgufSpec) -> None:
     """The scaling metadata (nothing for unscaled RoPE or for llama3, which is a tensor)."""
     import gguf
 
     rope = full_attention_rope(hf)
-    kind = check_rope_scaling(hf, arch)
+    kind = check_rope_scaling(hf, spec)
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
@@ -151,10 +157,10 @@ def add_rope_scaling(writer: Any, hf: Any, arch: str) -> None:
         writer.add_rope_scaling_attn_factors(longrope_attention_factor(hf, rope))
 
 
-def rope_tensors(hf: Any, arch: str, dims: int) -> dict[str, np.ndarray]:
+def rope_tensors(hf: Any, spec: GgufSpec, dims: int) -> dict[str, np.ndarray]:
     """Extra f32 tensors the scaling needs (GGUF names), over `dims` rotary dimensions."""
     rope = full_attention_rope(hf)
-    kind = check_rope_scaling(hf, arch)
+    kind = check_rope_scaling(hf, spec)
     if kind == "llama3":
         original = original_context(hf, rope)
         return {"rope_freqs.weight": llama3_frequency_divisors(rope, dims, original)}

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-import omniquant.calibrate as calibrate_mod
-from omniquant.calibrate import (
+import omniquant.block_loop as block_loop_mod
+from omniquant.block_loop import (
     BlockData,
     Runtime,
     StateStore,
@@ -207,7 +207,7 @@ def test_the_guard_restores_the_start_when_training_only_hurts_the_held_out_loss
 
 def test_the_block_report_and_the_log_say_that_a_block_fell_back(caplog):
     cfg = CalibConfig(epochs=1, weight_lr=20.0, **GUARDED)
-    with caplog.at_level("WARNING", logger="omniquant.calibrate"):
+    with caplog.at_level("WARNING", logger="omniquant.block_loop"):
         _, _, reports = _run("llama", cfg, val_batches=1)
     assert [r.to_dict()["fell_back"] for r in reports] == [True, True]
     assert "block 0: training never beat the starting held-out loss" in caplog.text
@@ -362,13 +362,13 @@ def test_calibration_runs_with_subnormals_flushed(monkeypatch):
     """The block loop runs inside `flush_denormals`: a subnormal computed in a block's forward
     pass reads as zero there."""
     seen = []
-    real = calibrate_mod.run_block
+    real = block_loop_mod.run_block
 
     def spy(block, x, extra, runtime):
         seen.append((torch.tensor([1e-40]) * 1.0).item())
         return real(block, x, extra, runtime)
 
-    monkeypatch.setattr(calibrate_mod, "run_block", spy)
+    monkeypatch.setattr(block_loop_mod, "run_block", spy)
     _run("llama", CalibConfig(epochs=1, nsamples=2, seqlen=24))
     assert seen and set(seen) == {0.0}
     assert (torch.tensor([1e-40]) * 1.0).item() > 0.0

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from omniquant import austen as data
 from omniquant.data import (
     AUSTEN_NOVELS,
     AUSTEN_RDB,
@@ -23,6 +22,7 @@ from omniquant.data import (
     read_austen,
     tokenize_text,
 )
+from omniquant.data import austen as data
 
 needs_austen = pytest.mark.skipif(
     not AUSTEN_RDB.is_file(),

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omniquant.config import WeightQuant
-from omniquant.formats.packing import (
+from omniquant.quant.packing import (
     pack_columns,
     pack_rows,
     packed_words,

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +45,7 @@ from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import QPARAMS_ATTR, from_affine
 from omniquant.quant.recompute import recompute_weights
 from omniquant.quant.weight_training import ADAM_EPS, StepOffset
+from omniquant.runtime import Runtime
 from omniquant.schedule import lr_factor
 from omniquant.transforms.let import ChannelStats, LetParams, LetPlan, attach_let, stats_hooks
 
@@ -75,20 +76,6 @@ class BlockReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and in which precision the block loop runs."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    autocast_dtype: torch.dtype | None = None  # None: plain float32
-    progress: bool = True
-
-    def autocast(self) -> Any:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
 # ---------------------------------------------------------------- loss
