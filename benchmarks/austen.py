@@ -6,7 +6,7 @@ Policy Manual (`debian:policy`, 80 windows of 512; `ood_perplexity`), and append
 --results.
 With --zeroshot it also measures next-sentence accuracy on persuasion (`zeroshot_acc`,
 `zeroshot_acc_norm`; see omniquant.eval.austen_tasks). `--table` prints the markdown table of a
-results file (what the README shows).
+results file (what benchmarks/README.md shows).
 
 Examples:
   python benchmarks/austen.py --threads 1 --settings W3A16g128 --methods omniquant \
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from omniquant import api
+import omniquant
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.eval.austen_tasks import write_austen_task
 from omniquant.eval.zeroshot import zeroshot
@@ -104,7 +104,7 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
         )
         config = OmniQuantConfig(weight, act, calib)
         t0 = time.perf_counter()
-        result = api.quantize(
+        result = omniquant.quantize(
             model, config, tokenizer=tokenizer, device=a.device, dtype=a.dtype, progress=False
         )
         seconds = time.perf_counter() - t0
@@ -139,8 +139,8 @@ def run_row(method: str, setting: str, a: argparse.Namespace) -> dict[str, objec
             end_to_end=result.report.get("end_to_end"),
         )
     windows = {"device": a.device, "max_windows": a.eval_windows, "progress": False}
-    ppl = api.evaluate(model, tokenizer=tokenizer, **windows)
-    ood = api.evaluate(model, tokenizer=tokenizer, dataset=OOD_DATASET, **windows)
+    ppl = omniquant.evaluate(model, tokenizer=tokenizer, **windows)
+    ood = omniquant.evaluate(model, tokenizer=tokenizer, dataset=OOD_DATASET, **windows)
     row.update(calib_seconds=round(seconds, 1), threads=torch.get_num_threads(), perplexity=ppl)
     row.update(device=device_name(a.device), eval_windows=a.eval_windows)
     row.update(ood_dataset=OOD_DATASET, ood_perplexity=ood)
@@ -236,7 +236,7 @@ def _fmt(x: float | None) -> str:
 
 
 def compare(results: Path) -> str:
-    """The README's two comparison tables: the reference budget, and the best recipe."""
+    """benchmarks/README.md's two comparison tables: the reference budget, and the best recipe."""
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     ours = {r["setting"]: r for r in rows if r["method"] == "rtn"}
     ref = {
@@ -309,7 +309,8 @@ def _ppl(r: dict | None) -> str:
 
 
 def compare_let(results: Path) -> str:
-    """The README's LET tables: weight-activation settings, and LWC + LET against LWC alone."""
+    """benchmarks/README.md's LET tables: weight-activation settings, and LWC + LET against LWC
+    alone."""
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     out = [
         "| setting | target | RTN | SmoothQuant-style + RTN | **OmniQuant (LWC + LET)** "
@@ -386,8 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of --results and exit")
-    p.add_argument("--compare", action="store_true", help="print the README comparison tables")
-    p.add_argument("--compare-let", action="store_true", help="print the README's LET / W-A tables")
+    p.add_argument(
+        "--compare", action="store_true", help="print the comparison tables of benchmarks/README.md"
+    )
+    p.add_argument(
+        "--compare-let",
+        action="store_true",
+        help="print the LET / W-A tables of benchmarks/README.md",
+    )
     p.add_argument(
         "--zeroshot",
         action="store_true",

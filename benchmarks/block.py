@@ -2,7 +2,8 @@
 
 A model of the given config with one layer (vocabulary cut to 512), `--windows` random windows of
 `--seqlen` tokens (+ `--held-out`), W`--wbits`A16 g`--group-size`, `--epochs` epochs; prints the
-block's seconds, its report and the process's peak RSS. The README's in-process figures:
+block's seconds, its report and the process's peak RSS. The in-process figures
+(benchmarks/README.md#peak-rss-measured):
 
   B="python benchmarks/block.py --config benchmarks"
   $B/llama-3.1-8b-config.json --windows 4 --held-out 1

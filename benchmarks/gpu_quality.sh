@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# austen-v1 quality rows on one CUDA device: the README's recipe table (issue 12) and the pure
+# austen-v1 quality rows on one CUDA device: benchmarks/README.md's recipe table (issue 12) and the pure
 # OmniQuant weight-activation rows at the reference budget (issue 10), float32 arithmetic (no
 # autocast, no TF32), several rows at once (each row is its own process: SmolLM2-135M's kernels
 # leave an H100/H200 mostly idle, so the rows share it). Perplexities agree with CPU rows to a few

@@ -1,4 +1,5 @@
-"""The output head's product on the CPU in each storage dtype (README "Float16 output head").
+"""The output head's product on the CPU in each storage dtype (benchmarks/README.md, "Float16
+output head").
 
 SmolLM2-135M's head is 49152 x 576. For one decode row and for a 512-token prompt, times
   float32        F.linear in float32

@@ -1,5 +1,5 @@
 """Inference benchmark: size and speed of SmolLM2 float32, bf16 and packed W8A16 / W4A16g128 /
-W3A16g128 (README table). Not a test.
+W3A16g128 (benchmarks/README.md#inference). Not a test.
 
 Each variant runs in a fresh process (so that its peak resident memory is its own) with a fixed
 thread count and reports:
@@ -60,7 +60,7 @@ def random_model(shape: Path) -> torch.nn.Module:
 
 def packed_folder(cache: Path, variant: str, shape: Path | None) -> Path:
     """The RTN omniquant-packed folder of a variant (made once)."""
-    from omniquant import api
+    import omniquant
     from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 
     name = f"smollm2-{variant}-rtn-packed" if shape is None else f"{shape.stem}-{variant}-random"
@@ -71,7 +71,9 @@ def packed_folder(cache: Path, variant: str, shape: Path | None) -> Path:
     calib = CalibConfig(method="rtn", nsamples=2, seqlen=64)  # RTN: the data is not used
     config = OmniQuantConfig(WeightQuant(bits, group), calib=calib)
     if shape is None:
-        api.quantize("smollm2", config, output=folder, format="omniquant-packed", progress=False)
+        omniquant.quantize(
+            "smollm2", config, output=folder, format="omniquant-packed", progress=False
+        )
         return folder
     from omniquant.block_loop import calibrate_blocks
     from omniquant.capture import capture_block_inputs
@@ -128,13 +130,13 @@ def base_variant(variant: str) -> tuple[str, str]:
 
 
 def load_variant(variant: str, cache: Path, device: str, shape: Path | None) -> torch.nn.Module:
-    from omniquant import api
+    import omniquant
     from omniquant.model_io import load_model
 
     variant, head = base_variant(variant)
     if variant in PACKED:
         folder = packed_folder(cache, variant, shape)
-        return api.load(folder, kernels=True, device=device, head=head)[0]
+        return omniquant.load(folder, kernels=True, device=device, head=head)[0]
     model = random_model(shape) if shape is not None else load_model("smollm2")[0]
     return model.to(device, getattr(torch, variant))
 
@@ -232,13 +234,13 @@ def native_of(variant: str) -> str | None:
 def measure_native(a: argparse.Namespace, variant: str) -> dict[str, object]:
     """A "+native" variant: the packed folder's codes straight into the native decoder
     (`omniquant.load_native`: no float copy of the blocks)."""
-    from omniquant import api
+    import omniquant
 
     stem, _, suffix = variant.rpartition("+")
     base, head = base_variant(stem)
     bits = NATIVE_BITS["+" + suffix]
     folder = packed_folder(a.cache, base, a.shape)
-    decoder, _ = api.load_native(folder, head=head, threads=a.threads, activations=bits)
+    decoder, _ = omniquant.load_native(folder, head=head, threads=a.threads, activations=bits)
     ids = torch.load(prompt_path(a.cache, a.shape))[0].tolist()
     decoder.tokens(ids[:32], 4)  # warm-up (builds the caches)
 

@@ -40,11 +40,11 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from omniquant import api
+    import omniquant
     from omniquant.data import bos_token_id, eval_windows, load_text, tokenize_text
     from omniquant.kernels.native import NativeDecoder
 
-    model, tokenizer = api.load(a.folder)
+    model, tokenizer = omniquant.load(a.folder)
     tokens = tokenize_text(tokenizer, load_text(a.dataset))
     windows = eval_windows(tokens, 512, bos_token_id(tokenizer), a.windows)
     decoder = NativeDecoder(model, head=a.head, threads=a.threads, activations=a.activations)

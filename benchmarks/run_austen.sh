@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces every austen-v1 row of the README, one heavy process at a time, appending to
+# Reproduces every austen-v1 row of benchmarks/README.md, one heavy process at a time, appending to
 # benchmarks/results/austen.jsonl (delete it first for a clean table). Total: about 4.5 hours on 2 cores.
 # NOTE: the rows in results/ predate three changes: --weight-lr now counts quantization steps (the
 # absolute 1e-3 below is about 0.015 steps at W4g128, 0.007 at W3g128, 0.0034 at W2g64 on SmolLM2:
@@ -68,7 +68,7 @@ for run in 1 2; do
   $B --results $R/speed_repeat.jsonl --threads 1 --methods omniquant --settings W3A16g128 --nsamples 32 --epochs 5
 done
 
-# Differences from the reference code (README table; benchmarks/results/ablations.jsonl).
+# Differences from the reference code (docs/differences-from-reference.md; benchmarks/results/ablations.jsonl).
 # Rows 1 and 4-6 ran at commit 1e7e954 (windows reshuffled, no guard, LET log-scales by default);
 # with today's code add --shuffle --val-samples 0 (and --set let_scale=log where the row says log).
 X="$B --results benchmarks/results/ablations.jsonl --threads 2 --methods omniquant --nsamples 16 --epochs 2"
@@ -83,7 +83,7 @@ $X4 --set let_scale=log --set let_init=reference
 $X4 --set let_scale=log --set qkv_point=projection
 $X --settings W3A16g128 --let --shuffle --val-samples 0 --set let_scale=log  # LET fold fix: 80.23
 python3 benchmarks/symmetric_grid.py --threads 2 --settings W4A16,W3A16g128
-# The demo (README): omniquant demo --threads 2
+# The demo (README.md, benchmarks/README.md): omniquant demo --threads 2
 
 # On one CUDA device (H100/H200), float32: the recipe table on both texts and the pure OmniQuant
 # W8A8/W6A6/W4A4 rows at the reference budget, 10 rows at a time (benchmarks/results/gpu_h200.jsonl)

@@ -8,7 +8,7 @@
 2. Quantizes it W4A16g128 with `omniquant quantize --stream` in a child process (its peak RSS is
    its own), 4 x 512 calibration windows, 1 epoch, and reads the memory figures of its report.
 3. Checks peak RSS against the bound "one block in float32 + the activations + 2 GiB", and prints
-   the same accounting (`api.memory_plan`) for Llama-3.1-70B at 128 x 2048.
+   the same accounting (`plan.memory_plan`) for Llama-3.1-70B at 128 x 2048.
 
   nice -n 10 python benchmarks/scale.py --work /tmp/scale --layers 4 --threads 2
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from omniquant import api
-from omniquant.activations import GiB, gib
+from omniquant.activations import GiB, MemoryPlan, gib
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.pipeline.plan import memory_plan
 
 HERE = Path(__file__).parent
 SHAPE_8B = HERE / "llama-3.1-8b-config.json"
@@ -101,10 +101,10 @@ def write_random_model(folder: Path, config: dict, tokenizer_from: Path) -> None
     tmp.rename(folder)
 
 
-def predicted(config: dict, nsamples: int, seqlen: int, dtype: str) -> api.MemoryPlan:
+def predicted(config: dict, nsamples: int, seqlen: int, dtype: str) -> MemoryPlan:
     calib = CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=1, activation_dtype=dtype)
     cfg = OmniQuantConfig(WeightQuant(4, 128), calib=calib)
-    return api.memory_plan(skeleton_of(config), cfg, True, 1 << 50)
+    return memory_plan(skeleton_of(config), cfg, True, 1 << 50)
 
 
 def main() -> int:

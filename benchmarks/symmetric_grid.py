@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from omniquant import api
+import omniquant
 from omniquant.model_io import load_model
 from omniquant.models import block_linears, decoder_layers, get_architecture
 from omniquant.quant.primitives import fake_quantize, from_groups, to_groups
@@ -51,7 +51,7 @@ def row(setting: str, grid: str) -> dict[str, object]:
     for block in decoder_layers(model, get_architecture(model)):
         for linear in block_linears(block).values():
             linear.weight.copy_(GRIDS[grid](linear.weight.float(), bits, group))
-    ppl = api.evaluate(model, tokenizer=tokenizer, progress=False)
+    ppl = omniquant.evaluate(model, tokenizer=tokenizer, progress=False)
     return {"setting": setting, "grid": grid, "method": "rtn symmetric", "perplexity": ppl}
 
 

@@ -147,11 +147,11 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Pa
 
 
 def interrupt_after_block(monkeypatch, index: int = 0):
-    """Make `omniquant.api.quantize` raise KeyboardInterrupt once block `index` is saved (a
+    """Make `omniquant.quantize` raise KeyboardInterrupt once block `index` is saved (a
     killed run); returns the real `calibrate_blocks`, to put back."""
-    from omniquant import api
+    from omniquant.pipeline import quantize as quantize_step
 
-    real = api.calibrate_blocks
+    real = quantize_step.calibrate_blocks
 
     def interrupted(*args, **kwargs):
         def stop(report):
@@ -160,5 +160,5 @@ def interrupt_after_block(monkeypatch, index: int = 0):
 
         return real(*args, **kwargs, on_block=stop)
 
-    monkeypatch.setattr(api, "calibrate_blocks", interrupted)
+    monkeypatch.setattr(quantize_step, "calibrate_blocks", interrupted)
     return real

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import omniquant
-from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError, DataError, ModelError, OutputError
+from omniquant.pipeline import quantize as quantize_step
 from tests.conftest import interrupt_after_block, needs_austen
 
 pytestmark = needs_austen
@@ -88,13 +88,13 @@ def test_interrupted_run_resumes_from_the_partial_folder(tiny_llama_folder, tmp_
     with pytest.raises(KeyboardInterrupt):
         omniquant.quantize(tiny_llama_folder, _config(), output=out, progress=False)
     assert not out.exists() and (tmp_path / "q.partial" / "state" / "block_0000.pt").exists()
-    with pytest.raises(OutputError, match="--resume"):
+    with pytest.raises(OutputError, match="`resume`"):
         omniquant.quantize(tiny_llama_folder, _config(), output=out, progress=False)
     with pytest.raises(OutputError, match="other settings"):
         omniquant.quantize(
             tiny_llama_folder, _config(bits=3), output=out, resume=True, progress=False
         )
-    monkeypatch.setattr(api, "calibrate_blocks", real)
+    monkeypatch.setattr(quantize_step, "calibrate_blocks", real)
     resumed = omniquant.quantize(
         tiny_llama_folder, _config(), output=out, resume=True, progress=False
     ).model

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from omniquant import api, cli
+import omniquant
+from omniquant import cli
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.demo import DEMO_DEFAULTS, DemoRow, demo_rows, demo_table, recipe, with_method
 from tests.conftest import needs_austen, needs_policy
@@ -27,7 +28,7 @@ def test_demo_rows_score_every_method_on_every_text(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def evaluate(m: torch.nn.Module, dataset: str) -> float:
-        return api.evaluate(
+        return omniquant.evaluate(
             m, tokenizer=tok, dataset=dataset, seqlen=16, max_windows=4, progress=False
         )
 

@@ -244,7 +244,7 @@ def test_settings_the_stage_cannot_run_are_refused_before_loading(tmp_path):
         CalibConfig(e2e_epochs=1, e2e_topk=0)
     cfg = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(e2e_epochs=1))
     missing = tmp_path / "no-such-model"  # refused before anything looks at the model
-    with pytest.raises(ConfigError, match="--stream"):
+    with pytest.raises(ConfigError, match="`stream`"):
         omniquant.quantize(missing, cfg, output=tmp_path / "q", stream=True, progress=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 import omniquant
-from omniquant import api, block_loop, cli
+from omniquant import block_loop, cli
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ModelError
 from omniquant.model_io import load_model
+from omniquant.pipeline import export as export_step
+from omniquant.pipeline import output, source
+from omniquant.pipeline import quantize as quantize_step
 from tests.conftest import interrupt_after_block, needs_austen
 
 pytestmark = needs_austen
@@ -40,8 +43,8 @@ def runs(tiny_llama_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(epochs=1, nsamples=2, seqlen=32))
     omniquant.quantize(tiny_llama_folder, config, output=root / "fake", progress=False)
-    api.export(root / "fake", root / "packed", "omniquant-packed")
-    api.export(root / "fake", root / "ct", "compressed-tensors")
+    omniquant.export(root / "fake", root / "packed", "omniquant-packed")
+    omniquant.export(root / "fake", root / "ct", "compressed-tensors")
     return root
 
 
@@ -49,7 +52,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(api, "load_model", refuse)
+    monkeypatch.setattr(source, "load_model", refuse)
 
 
 # ---------------------------------------------------------------- 1. packed folders
@@ -130,9 +133,11 @@ def test_a_kill_while_writing_keeps_the_blocks_and_resume_only_writes(
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "write_run_report", killed)  # the last step before the rename
-    with pytest.raises(KeyboardInterrupt):
-        run(capsys, *args)
+    monkeypatch.setattr(
+        quantize_step, "write_run_report", killed
+    )  # the last step before the rename
+    rc, _, err = run(capsys, *args)
+    assert rc == 130 and "Traceback" not in err and "rerun with --resume" in err
     partial = tmp_path / "q.partial"
     assert not out.exists()
     assert sorted(p.name for p in (partial / "state").iterdir()) == [
@@ -193,7 +198,7 @@ def test_unsupported_devices_are_one_line(tiny_llama_folder, tmp_path, capsys, d
 def test_cuda_without_cuda_is_one_line_before_loading(
     tiny_llama_folder, capsys, monkeypatch, command
 ):
-    monkeypatch.setattr(api, "load_model", None)  # any loading would raise a TypeError
+    monkeypatch.setattr(source, "load_model", None)  # any loading would raise a TypeError
     rc, _, err = run(capsys, command[0], tiny_llama_folder, *command[1:], "--device", "cuda")
     assert rc == 2 and "no CUDA device" in one_error_line(err)
 
@@ -241,7 +246,7 @@ def test_a_calibration_file_that_is_not_utf8_is_one_line_before_loading(
 
 
 def test_an_empty_prompt_is_refused_before_loading(tiny_llama_folder, capsys, monkeypatch):
-    monkeypatch.setattr(api, "load_model", None)
+    monkeypatch.setattr(source, "load_model", None)
     rc, _, err = run(capsys, "generate", tiny_llama_folder, "--prompt", "  ")
     assert rc == 2 and "the prompt is empty" in one_error_line(err)
 
@@ -289,8 +294,7 @@ def test_resume_with_a_truncated_block_state_trains_that_block_again(
     out = tmp_path / "q"
     args = ["quantize", "--model", tiny_llama_folder, "--group-size", "32", "--output", out, *FAST]
     interrupt_after_block(monkeypatch, index=1)
-    with pytest.raises(KeyboardInterrupt):
-        run(capsys, *args)
+    assert run(capsys, *args)[0] == 130
     monkeypatch.undo()
     state = tmp_path / "q.partial" / "state" / "block_0001.pt"
     state.write_bytes(state.read_bytes()[:100])
@@ -366,7 +370,7 @@ def test_flags_that_would_be_ignored_are_refused(
     tiny_llama_folder, tmp_path, capsys, monkeypatch, args, match
 ):
     no_model_loading(monkeypatch)
-    monkeypatch.setattr(api, "load", None)
+    monkeypatch.setattr(export_step, "load", None)
     model = ["--model", tiny_llama_folder, "--output", tmp_path / "q"]
     full = [*args, *model] if args[0] == "quantize" else [args[0], tiny_llama_folder, *args[1:]]
     rc, _, err = run(capsys, *full)
@@ -399,13 +403,13 @@ def test_resume_with_other_settings_names_the_difference(tmp_path):
     (partial / "run.json").write_text(json.dumps(run_id))
     other = {"model": "m", "config": OmniQuantConfig(WeightQuant(3, 32)).to_dict()}
     with pytest.raises(Exception, match=r"\(config\.weight\.bits: 4 -> 3; started -> now\)"):
-        api._check_resume(partial, other)
+        output.check_resume(partial, other)
 
 
 def test_settings_diff_names_each_changed_leaf():
     saved = {"a": 1, "b": {"c": 2, "d": 3}}
     now = {"a": 1, "b": {"c": 5}, "e": 0}
-    assert api.settings_diff(saved, now) == [
+    assert output.settings_diff(saved, now) == [
         "b.c: 2 -> 5",
         "b.d: 3 -> '(absent)'",
         "e: '(absent)' -> 0",

@@ -22,7 +22,6 @@ from omniquant.block_loop import (
     fold_parametrizations,
     gather_stats,
     run_block,
-    run_block_all,
 )
 from omniquant.capture import capture_block_inputs
 from omniquant.config import ActQuant, CalibConfig, WeightQuant
@@ -32,6 +31,17 @@ from omniquant.transforms.let import attention_shape, plan_let
 from tests.conftest import FAMILIES, random_ids, tiny_model
 
 RT = Runtime(progress=False)
+
+
+@torch.no_grad()
+def run_block_all(block, inputs, extra, runtime) -> list[torch.Tensor]:
+    """The block on every batch; outputs back on the CPU in the inputs' dtype."""
+    return [
+        run_block(block, x.to(runtime.device, torch.float32), extra, runtime).to("cpu", x.dtype)
+        for x in inputs
+    ]
+
+
 # hidden 64, MLP 96: g48 leaves a ragged last group of 16 on every 64-wide input; g32 divides both
 GROUPS = {"ragged": 48, "even": 32}
 CASES = list(itertools.product(FAMILIES, [False, True], GROUPS, [False, True], [16, 4]))

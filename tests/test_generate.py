@@ -3,7 +3,7 @@ import io
 import pytest
 import torch
 
-from omniquant import api
+import omniquant
 from omniquant.cli import main
 from omniquant.data import AUSTEN_RDB
 from omniquant.generate import generate
@@ -20,7 +20,7 @@ def _greedy(model, ids: torch.Tensor, n: int) -> list[int]:
 
 
 def test_greedy_generation_streams_the_argmax_continuation(tiny_llama_folder):
-    model, tokenizer = api.load(tiny_llama_folder)
+    model, tokenizer = omniquant.load(tiny_llama_folder)
     model.generation_config.eos_token_id = None  # a random model: never stop early
     buf = io.StringIO()
     new = generate(model, tokenizer, "Emma Woodhouse", max_new_tokens=8, out=buf)
@@ -48,7 +48,7 @@ def test_cli_quantize_packed_then_generate_with_kernels(tiny_llama_folder, tmp_p
 
 
 def test_compiled_generation_gives_the_same_greedy_tokens(tiny_llama_folder):
-    model, tokenizer = api.load(tiny_llama_folder)
+    model, tokenizer = omniquant.load(tiny_llama_folder)
     model.generation_config.eos_token_id = None
     eager = generate(model, tokenizer, "Mr. Knightley", max_new_tokens=6)
     compiled = generate(model, tokenizer, "Mr. Knightley", max_new_tokens=6, compile=True)
@@ -73,11 +73,11 @@ def test_compiled_generation_through_the_int4_kernels_matches_eager(
     from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
     from omniquant.kernels.linear import QuantLinear
 
-    config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2))
-    api.quantize(
+    config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2, seqlen=64))
+    omniquant.quantize(
         tiny_llama_folder, config, output=tmp_path / "q", format="omniquant-packed", progress=False
     )
-    model, tokenizer = api.load(tmp_path / "q", kernels=True, head=head)
+    model, tokenizer = omniquant.load(tmp_path / "q", kernels=True, head=head)
     assert any(isinstance(m, QuantLinear) and m.path == "int4" for m in model.modules())
     assert (type(model.lm_head).__name__ == "HalfHead") == (head == "float16")
     model.generation_config.eos_token_id = None

@@ -92,9 +92,9 @@ def test_int4_kernel_on_cuda_matches_the_fake_quantized_linear(shape, group):
 
 
 def test_packed_model_runs_its_kernels_on_cuda(tmp_path):
-    from omniquant import api
+    import omniquant
     from omniquant.config import OmniQuantConfig
-    from omniquant.formats.packed import write_packed
+    from omniquant.formats import write_packed_format
     from omniquant.kernels.linear import QuantLinear
 
     model = tiny_model("llama")
@@ -102,11 +102,12 @@ def test_packed_model_runs_its_kernels_on_cuda(tmp_path):
     cap = capture_block_inputs(model, blocks, list(random_ids(2, 32).split(1)), "cpu")
     config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn"))
     calibrate_blocks(blocks, cap, config.weight, config.calib, runtime_for("cpu", progress=False))
-    write_packed(model, None, {"config": config.to_dict()}, tmp_path / "q")
+    record = {"config": config.to_dict()}
+    write_packed_format("omniquant-packed", model, None, config, record, tmp_path / "q")
     ids = random_ids(2, 24)
     with torch.no_grad():
         want = model(ids).logits
-    fast, _ = api.load(tmp_path / "q", kernels=True, device="cuda")
+    fast, _ = omniquant.load(tmp_path / "q", kernels=True, device="cuda")
     assert any(isinstance(m, QuantLinear) and m.path == "int4" for m in fast.modules())
     with torch.no_grad():
         got = fast(ids.cuda()).logits.float().cpu()

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from omniquant.api import calibration_batches
 from omniquant.block_loop import calibrate_blocks
 from omniquant.capture import capture_block_inputs
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.model_io import load_model
 from omniquant.models import decoder_layers, get_architecture
+from omniquant.pipeline.quantize import calibration_batches
 from omniquant.runtime import Runtime
 from tests.conftest import needs_austen
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from omniquant import api, cli
+import omniquant
+from omniquant import cli
 from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import OutputError
 from omniquant.report import (
@@ -76,7 +77,7 @@ def test_run_report_writes_markdown_and_decodable_plots(tmp_path):
     assert names == {REPORT_MD, BLOCK_PLOT, EPOCH_PLOT}
     for path in written:
         assert path.is_file() and path.stat().st_size > 0
-    assert png_size(tmp_path / BLOCK_PLOT) == (800, 450)  # the README's width
+    assert png_size(tmp_path / BLOCK_PLOT) == (800, 450)  # the plot width
     assert png_size(tmp_path / EPOCH_PLOT) == (800, 450)
     md = (tmp_path / REPORT_MD).read_text()
     assert f"]({BLOCK_PLOT})" in md and f"]({EPOCH_PLOT})" in md
@@ -114,7 +115,7 @@ def test_quantize_writes_the_report_beside_omniquant_json(tmp_path):
         calib=CalibConfig(epochs=2, nsamples=2, seqlen=16, calib_dataset=str(text)),
     )
     out = tmp_path / "run"
-    api.quantize(tiny_llama(len(tok)), config, tokenizer=tok, output=out, progress=False)
+    omniquant.quantize(tiny_llama(len(tok)), config, tokenizer=tok, output=out, progress=False)
     assert {"omniquant.json", REPORT_MD, BLOCK_PLOT, EPOCH_PLOT} <= {p.name for p in out.iterdir()}
     png_size(out / BLOCK_PLOT)
     report = json.loads((out / "omniquant.json").read_text())
@@ -200,7 +201,7 @@ def test_quantize_records_the_guard_in_omniquant_json_and_the_report(tmp_path):
     calib = CalibConfig(epochs=2, nsamples=4, seqlen=16, calib_dataset=str(text), weight_lr=20.0)
     out = tmp_path / "run"
     config = OmniQuantConfig(WeightQuant(4, 32), calib=calib)
-    api.quantize(tiny_llama(len(tok)), config, tokenizer=tok, output=out, progress=False)
+    omniquant.quantize(tiny_llama(len(tok)), config, tokenizer=tok, output=out, progress=False)
     report = json.loads((out / "omniquant.json").read_text())
     assert report["val_windows"] == 1 and report["fallbacks"] == [0, 1]
     assert all(len(b["val_losses"]) == 3 and b["stopped_early"] is False for b in report["blocks"])

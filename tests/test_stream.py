@@ -10,9 +10,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import omniquant
-from omniquant import api
 from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError
+from omniquant.pipeline import quantize as quantize_step
+from omniquant.pipeline import source
+from omniquant.pipeline.plan import memory_plan
 from omniquant.quant.qparams import GRIDS_FILE, QPARAMS_ATTR
 from omniquant.stream import GRID_PARTS, SafetensorsWeights, merge_grid_parts, write_safetensors
 from tests.conftest import FAMILIES, interrupt_after_block, needs_austen, tiny_config
@@ -106,7 +108,7 @@ def test_streamed_run_killed_mid_way_resumes_from_the_written_blocks(
     partial = tmp_path / "q.partial"
     assert (partial / "output" / "block-00000.safetensors").exists()
     assert not (partial / "output" / "block-00001.safetensors").exists()
-    monkeypatch.setattr(api, "calibrate_blocks", real)
+    monkeypatch.setattr(quantize_step, "calibrate_blocks", real)
     omniquant.quantize(folder, _config(), output=out, progress=False, stream=True, resume=True)
     assert not partial.exists()
     _same_folders(tmp_path / "ref", out)
@@ -114,7 +116,7 @@ def test_streamed_run_killed_mid_way_resumes_from_the_written_blocks(
 
 def test_stream_settings_are_refused_before_loading(tokenizer, tmp_path):
     folder = _folder("llama", tokenizer, tmp_path)
-    with pytest.raises(ConfigError, match="needs --output"):
+    with pytest.raises(ConfigError, match="needs an `output`"):
         omniquant.quantize(folder, _config(), stream=True, progress=False)
     with pytest.raises(ConfigError, match="fake format"):
         omniquant.quantize(
@@ -128,7 +130,7 @@ def test_a_budget_too_small_for_one_block_fails_first_naming_the_numbers(
 ):
     folder = _folder("llama", tokenizer, tmp_path)
     loads = []
-    monkeypatch.setattr(api, "load_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(source, "load_model", lambda *a, **k: loads.append(a))
     for stream in (False, True):
         with pytest.raises(ConfigError) as e:
             omniquant.quantize(
@@ -140,14 +142,14 @@ def test_a_budget_too_small_for_one_block_fails_first_naming_the_numbers(
                 progress=False,
             )
         msg = str(e.value)
-        assert "--max-memory 0.10 GiB is too small" in msg and "one block takes" in msg
+        assert "`max_memory` 0.10 GiB is too small" in msg and "one block takes" in msg
         assert "give at least" in msg
     assert not loads and not list(tmp_path.glob("q*"))
 
 
 def test_a_small_budget_spills_activations_and_reports_it(tokenizer, tmp_path):
     folder = _folder("llama", tokenizer, tmp_path)
-    plan = api.memory_plan(api.model_skeleton(folder), _config(), True, "1GB")
+    plan = memory_plan(source.model_skeleton(folder), _config(), True, "1GB")
     just_enough = plan.minimum + plan.batch_bytes  # room for about one batch in RAM
     ref = omniquant.quantize(folder, _config(), output=tmp_path / "a", progress=False)
     run = omniquant.quantize(
@@ -206,10 +208,10 @@ def test_streaming_a_hub_model_from_the_hub_cache(tokenizer, tmp_path, monkeypat
 def test_the_memory_plan_counts_the_training_working_set(tokenizer, tmp_path):
     """A block trains in 2 blocks of memory with --recompute, 4 without; weight training adds its
     offsets, their gradients, AdamW's moments and the guard's copies; RTN needs 2."""
-    skeleton = api.model_skeleton(_folder("llama", tokenizer, tmp_path))
+    skeleton = source.model_skeleton(_folder("llama", tokenizer, tmp_path))
 
     def work(**calib):
-        plan = api.memory_plan(skeleton, _config(replace(FAST, **calib)), True, None)
+        plan = memory_plan(skeleton, _config(replace(FAST, **calib)), True, None)
         return plan.work_bytes / plan.block_bytes
 
     assert work(recompute=True) == 2

@@ -1,19 +1,22 @@
 """omniquant: OmniQuant (LWC + LET) post-training quantization of Hugging Face decoder LMs."""
 
-__version__ = "0.1.0"
-
-from omniquant.api import QuantizeResult, evaluate, export, load, load_native, quantize
 from omniquant.config import (
     ActQuant,
     CalibConfig,
     OmniQuantConfig,
     WeightQuant,
 )
+from omniquant.pipeline.evaluate import PerplexityResult, evaluate, measure_perplexity
+from omniquant.pipeline.export import export
+from omniquant.pipeline.load import load, load_native
+from omniquant.pipeline.quantize import QuantizeResult, quantize
+from omniquant.version import __version__
 
 __all__ = [
     "ActQuant",
     "CalibConfig",
     "OmniQuantConfig",
+    "PerplexityResult",
     "QuantizeResult",
     "WeightQuant",
     "__version__",
@@ -21,5 +24,6 @@ __all__ = [
     "export",
     "load",
     "load_native",
+    "measure_perplexity",
     "quantize",
 ]

@@ -280,6 +280,7 @@ class MemoryPlan:
     n_batches: int
     store_itemsize: int
     copies: int
+    given: bool = True  # False: `max_memory` is the default, from the machine's free memory
 
     @property
     def chain_bytes(self) -> int:
@@ -318,18 +319,25 @@ class MemoryPlan:
         from omniquant.errors import ConfigError
 
         resident = "" if self.stream else f", the model held in memory {gib(self.resident_bytes)}"
+        budget = (
+            f"`max_memory` {gib(self.max_memory)}"
+            if self.given
+            else f"the free memory {gib(self.max_memory)} (the default budget: `max_memory` "
+            f"was not given)"
+        )
         raise ConfigError(
-            f"--max-memory {gib(self.max_memory)} is too small for {model}: one block takes "
+            f"{budget} is too small for {model}: one block takes "
             f"{gib(self.block_bytes)} in float32 ({gib(self.work_bytes)} while it is calibrated)"
             f"{resident}, the process itself about {gib(BASE_BYTES)}, and one batch of "
             f"activations {gib(self.batch_bytes)} for each of {self.copies} chains plus one in "
             f"flight: give at least {gib(self.minimum)}"
-            + ("" if self.stream else ", or --stream to read one block at a time from disk")
+            + ("" if self.stream else "; or `stream` to read one block at a time from disk")
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_memory_bytes": self.max_memory,
+            "max_memory_given": self.given,
             "stream": self.stream,
             "block_bytes": self.block_bytes,
             "activation_chain_bytes": self.chain_bytes,

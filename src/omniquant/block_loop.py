@@ -274,17 +274,6 @@ def run_block(
 
 
 @torch.no_grad()
-def run_block_all(
-    block: nn.Module, inputs: Batches, extra: BlockArgs, runtime: Runtime
-) -> list[torch.Tensor]:
-    """Run the block on every batch; outputs go back to the CPU in the inputs' dtype."""
-    return [
-        run_block(block, x.to(runtime.device, torch.float32), extra, runtime).to("cpu", x.dtype)
-        for x in inputs
-    ]
-
-
-@torch.no_grad()
 def run_block_over(
     block: nn.Module,
     store: ActivationStore,
@@ -433,7 +422,7 @@ def _recover(bq: BlockQuant, cfg: CalibConfig, state: _TrainState) -> None:
     if state.nan_events > cfg.max_nan_retries:
         raise CalibrationError(
             f"the loss stayed non-finite after {cfg.max_nan_retries} retries with a "
-            f"halved learning rate; try a lower --lwc-lr or --dtype float32"
+            f"halved learning rate; try a lower `lwc_lr` or `dtype` float32"
         )
     state.lr_scale /= 2
     log.warning("non-finite loss: last good parameters back, lr x%.4g", state.lr_scale)

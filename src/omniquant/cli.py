@@ -1,4 +1,5 @@
-"""The `omniquant` command: a thin layer over `omniquant.api`."""
+"""The `omniquant` command: a thin layer over the public API (`omniquant.pipeline`); library
+messages name settings in backticks, which `flag_names` turns into this command's flags."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,14 +16,15 @@ from typing import Any
 
 import torch
 
-from omniquant import api
+import omniquant
+from omniquant import checks, runfile, runtime
 from omniquant.activations import gib
-from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant
+from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig, WeightQuant, check_run
 from omniquant.data import load_text
 from omniquant.demo import DEMO_DEFAULTS, demo_rows, demo_table, recipe
 from omniquant.errors import ConfigError, OmniQuantError
 from omniquant.eval.zeroshot import format_table, require_lm_eval, zeroshot
-from omniquant.formats import FORMATS
+from omniquant.formats import FORMATS, PACKED_FORMATS, formats_help
 from omniquant.formats.gguf.writer import APPROXIMATE_TYPES, FLOAT_TYPES, GgufOptions
 from omniquant.kernels.head import HEAD_DTYPES
 from omniquant.model_io import DEFAULT_MODEL, load_model
@@ -281,7 +284,7 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         help="keep each trained weight within this many steps (--weight-lr's unit) of its "
         "start: 0.5 lets training choose each weight's rounding and no more (default: "
         "unbounded). Guards text of other domains against weights that drift where the "
-        "calibration text does not look (README, best recipe)",
+        "calibration text does not look (docs/how-it-works.md, the safe recipe)",
     )
     p.add_argument(
         "--lr-schedule",
@@ -333,7 +336,8 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         default="ste" if d.zero_point_ste else "none",
         help="gradient through the rounding of each group's zero point to the clipping "
         "strengths: ste = straight-through; none = hard rounding, as the reference code "
-        f"(default {'ste' if d.zero_point_ste else 'none'}; see README, differences)",
+        f"(default {'ste' if d.zero_point_ste else 'none'}; "
+        "see docs/differences-from-reference.md)",
     )
     p.add_argument(
         "--aug-loss",
@@ -381,18 +385,8 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
     )
 
 
-PACKED_HELP = (
-    "compressed-tensors = packed integers that vLLM serves (2/4/8-bit weights with groups "
-    "dividing every width, or W8A8); omniquant-packed = our packed layout for every setting; "
-    "gguf = one file llama.cpp runs (4/5-bit weights, or 8-bit symmetric, with groups of a "
-    "multiple of 32 or per-channel; 16-bit activations), in <output>/model.gguf; "
-    "auto = compressed-tensors where it holds the setting, else omniquant-packed"
-)
-FORMAT_HELP = (
-    "output format: fake = float weights on the grid, loadable by plain transformers "
-    f"(default); {PACKED_HELP}"
-)
-EXPORT_FORMAT_HELP = f"packed format to write: {PACKED_HELP} (default auto)"
+FORMAT_HELP = f"output format (default fake): {formats_help()}"
+EXPORT_FORMAT_HELP = f"packed format to write (default auto): {formats_help(packed_only=True)}"
 
 
 def _add_gguf_flags(p: argparse.ArgumentParser) -> None:
@@ -415,9 +409,11 @@ def _add_gguf_flags(p: argparse.ArgumentParser) -> None:
         "--gguf-approximate",
         choices=APPROXIMATE_TYPES,
         default=None,
-        help="with --format gguf: for a setting no GGUF type holds exactly (3 bits, asymmetric "
-        "8 bits, groups not a multiple of 32), re-quantize the fake-quantized weights into this "
-        "type per block of 32 and report the error (default: refuse such a setting)",
+        help="with --format gguf: for a setting no GGUF type holds exactly (asymmetric 8 bits, "
+        "groups not a multiple of 32), re-quantize the fake-quantized weights into this type per "
+        "block of 32 and report the error (default: refuse such a setting). 2- and 3-bit grids "
+        "need no approximation: they are written exactly, as 4-bit blocks (a file no smaller "
+        "than at 4 bits)",
     )
 
 
@@ -530,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("input", type=Path, help="a folder written by `omniquant quantize`")
     x.add_argument("output", type=Path, help="folder to write (must not exist)")
     x.add_argument(
-        "--format", choices=[*FORMATS[1:], "auto"], default="auto", help=EXPORT_FORMAT_HELP
+        "--format", choices=[*PACKED_FORMATS, "auto"], default="auto", help=EXPORT_FORMAT_HELP
     )
     _add_gguf_flags(x)
     _add_threads_quiet(x)
@@ -598,44 +594,104 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Every config field the CLI sets, by its dotted path, and the flag (argparse dest) that sets it;
+# the few that differ in name or value convert. `tests/test_cli_config.py` checks that each
+# field is here or named in API_ONLY_FIELDS, and that each flag's default is the field's.
+FIELD_FLAGS: dict[str, str] = {
+    "weight.bits": "wbits",
+    "weight.group_size": "group_size",
+    "weight.symmetric": "symmetric",
+    "act.bits": "abits",
+    "act.quantize_qkv": "qkv_quant",
+    "act.qkv_point": "qkv_point",
+    "calib.zero_point_ste": "zero_point_grad",
+    "quantize_lm_head": "quantize_lm_head",
+    **{
+        f"calib.{name}": name
+        for name in (
+            "method",
+            "lwc",
+            "let",
+            "epochs",
+            "nsamples",
+            "seqlen",
+            "batch_size",
+            "lwc_lr",
+            "let_lr",
+            "wd",
+            "weight_lr",
+            "weight_lr_unit",
+            "weight_bound",
+            "lr_schedule",
+            "aug_loss",
+            "loss",
+            "calib_dataset",
+            "seed",
+            "let_alpha",
+            "let_scale",
+            "let_init",
+            "shuffle",
+            "val_samples",
+            "patience",
+            "activation_dtype",
+            "recompute",
+            "e2e_epochs",
+            "e2e_lr",
+            "e2e_loss",
+            "e2e_topk",
+        )
+    },
+}
+# config fields the CLI leaves at their defaults (the Python API sets them)
+API_ONLY_FIELDS = ("act.symmetric", "calib.max_nan_retries", "calib.lwc_init")
+# flag value -> field value, where they differ
+FLAG_VALUES: dict[str, Any] = {
+    "group_size": lambda v: v or None,  # 0 = per-channel = None
+    "zero_point_grad": lambda v: v == "ste",
+}
+# library names (settings and arguments) whose flag is not `--` + the name with dashes
+FLAG_OF: dict[str, str] = {
+    **{
+        field.rsplit(".", 1)[-1]: dest
+        for field, dest in FIELD_FLAGS.items()
+        if not field.endswith(".bits")  # weight.bits and act.bits: named by their paths
+    },
+    "quantize_qkv": "qkv_quant",
+}
+EVAL_FLAG_OF = {
+    "seqlen": "eval_seqlen",
+    "max_windows": "eval_windows",
+    "batch_size": "eval_batch_size",
+}
+
+
+def flag_names(text: str, overrides: dict[str, str] | None = None) -> str:
+    """A library message with each setting named as its flag: `let_lr` -> --let-lr."""
+    names = {**FLAG_OF, **(overrides or {})}
+
+    def flag(m: Any) -> str:
+        name = m.group(1)
+        if name in FIELD_FLAGS:  # a dotted config path: `weight.bits`
+            return "--" + FIELD_FLAGS[name].replace("_", "-")
+        if not name.isidentifier():
+            return m.group(0)
+        return "--" + names.get(name, name).replace("_", "-")
+
+    return re.sub(r"`([\w.]+)`", flag, text)
+
+
 def config_from_args(a: argparse.Namespace) -> OmniQuantConfig:
+    """The run's config from the parsed flags, field by field through FIELD_FLAGS."""
+    parts: dict[str, dict[str, Any]] = {"weight": {}, "act": {}, "calib": {}, "": {}}
+    for field, dest in FIELD_FLAGS.items():
+        part, _, name = field.rpartition(".")
+        value = getattr(a, dest)
+        parts[part][name] = FLAG_VALUES[dest](value) if dest in FLAG_VALUES else value
     return OmniQuantConfig(
-        weight=WeightQuant(bits=a.wbits, group_size=a.group_size or None, symmetric=a.symmetric),
-        act=ActQuant(bits=a.abits, quantize_qkv=a.qkv_quant, qkv_point=a.qkv_point),
-        calib=CalibConfig(
-            method=a.method,
-            lwc=a.lwc,
-            let=a.let,
-            epochs=a.epochs,
-            nsamples=a.nsamples,
-            seqlen=a.seqlen,
-            batch_size=a.batch_size,
-            lwc_lr=a.lwc_lr,
-            let_lr=a.let_lr,
-            wd=a.wd,
-            weight_lr=a.weight_lr,
-            let_alpha=a.let_alpha,
-            aug_loss=a.aug_loss,
-            loss=a.loss,
-            calib_dataset=a.calib_dataset,
-            seed=a.seed,
-            zero_point_ste=a.zero_point_grad == "ste",
-            weight_lr_unit=a.weight_lr_unit,
-            weight_bound=a.weight_bound,
-            lr_schedule=a.lr_schedule,
-            let_scale=a.let_scale,
-            let_init=a.let_init,
-            shuffle=a.shuffle,
-            val_samples=a.val_samples,
-            patience=a.patience,
-            activation_dtype=a.activation_dtype,
-            recompute=a.recompute,
-            e2e_epochs=a.e2e_epochs,
-            e2e_lr=a.e2e_lr,
-            e2e_loss=a.e2e_loss,
-            e2e_topk=a.e2e_topk,
-        ),
-        quantize_lm_head=a.quantize_lm_head,
+        weight=WeightQuant(**parts["weight"]),
+        act=ActQuant(**parts["act"]),
+        calib=CalibConfig(**parts["calib"]),
+        **parts[""],
     )
 
 
@@ -655,33 +711,18 @@ def refuse_unused(flags: list[str], reason: str) -> None:
         raise ConfigError(f"{', '.join(flags)} {reason.format(verb=verb)}")
 
 
-def check_quant_flags(a: argparse.Namespace) -> None:
-    """Refuse flags that would be accepted and ignored, and --epochs 0 labelled as OmniQuant."""
-    if not a.let:
-        let_flags = changed_flags(a, {"let_alpha": None, "let_lr": CalibConfig().let_lr})
-        refuse_unused(let_flags, "only {verb} with --let: add --let, or drop it")
-    if not a.e2e_epochs:
-        d = CalibConfig()
-        e2e_flags = changed_flags(
-            a, {"e2e_lr": d.e2e_lr, "e2e_loss": d.e2e_loss, "e2e_topk": d.e2e_topk}
-        )
-        refuse_unused(e2e_flags, "only {verb} with --e2e-epochs: add it, or drop it")
-    if a.method == "omniquant" and a.epochs == 0:
-        raise ConfigError(
-            "--epochs 0 trains nothing: the result would be the untrained clipping start, not "
-            "OmniQuant; use --method rtn for round-to-nearest, or --epochs 1 or more"
-        )
-
-
 def check_eval_flags(a: argparse.Namespace) -> None:
     """Refuse perplexity settings that cannot work, before anything is loaded."""
-    api.check_eval_settings(a.eval_seqlen, a.eval_windows or None, a.eval_batch_size)
     if a.eval_windows < 0:
         raise ConfigError(f"--eval-windows must be 0 (all) or positive, got {a.eval_windows}")
+    try:
+        checks.check_eval_settings(a.eval_seqlen, a.eval_windows or None, a.eval_batch_size)
+    except ConfigError as e:
+        raise ConfigError(flag_names(str(e), EVAL_FLAG_OF)) from e
 
 
-def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> api.PerplexityResult:
-    return api.measure_perplexity(
+def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> omniquant.PerplexityResult:
+    return omniquant.measure_perplexity(
         model,
         tokenizer=tokenizer,
         dataset=a.eval_dataset,
@@ -694,7 +735,6 @@ def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> api.Perple
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    check_quant_flags(a)
     gguf = gguf_options(a)
     if a.eval:
         check_eval_flags(a)
@@ -703,7 +743,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
             changed_flags(a, EVAL_DEFAULTS), "only {verb} with --eval: add --eval, or drop it"
         )
     config = config_from_args(a)
-    result = api.quantize(
+    result = omniquant.quantize(
         a.model,
         config,
         output=a.output,
@@ -738,7 +778,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.native and a.tasks:
         raise ConfigError("--native measures perplexity: drop --tasks (or --native)")
     if a.native:
-        api.check_native_settings(a.kernels, a.device)
+        checks.check_native_settings(a.kernels, a.device)
     if a.tasks:
         perplexity_only = {k: v for k, v in EVAL_DEFAULTS.items() if k != "eval_batch_size"}
         refuse_unused(
@@ -758,7 +798,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _perplexity(a: argparse.Namespace) -> dict[str, object]:
-    ppl = api.measure_perplexity(
+    ppl = omniquant.measure_perplexity(
         a.model,
         dataset=a.eval_dataset,
         seqlen=a.eval_seqlen,
@@ -778,7 +818,7 @@ def _perplexity(a: argparse.Namespace) -> dict[str, object]:
 def _zeroshot(a: argparse.Namespace) -> dict[str, object]:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     require_lm_eval()  # before loading the model
-    model, tokenizer = api.load(
+    model, tokenizer = omniquant.load(
         a.model, kernels=a.kernels, device=a.device, progress=not a.quiet, head=a.head
     )
     metrics = zeroshot(
@@ -807,11 +847,11 @@ def _with_eval_dataset(a: argparse.Namespace, dataset: str) -> argparse.Namespac
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    check_quant_flags(a)
     check_eval_flags(a)
-    api.check_device(a.device)
-    model, tokenizer = load_model(a.model)
+    runtime.check_device(a.device)
     config = config_from_args(a)
+    check_run(config)
+    model, tokenizer = load_model(a.model)
     datasets = [a.eval_dataset, a.ood_dataset]
     for dataset in datasets:  # a missing text fails now, not after the calibrations
         load_text(dataset)
@@ -836,8 +876,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    out = api.export(a.input, a.output, a.format, progress=not a.quiet, gguf=gguf_options(a))
-    fmt = json.loads((out / api.REPORT_FILE).read_text())["format"]["name"]
+    out = omniquant.export(a.input, a.output, a.format, progress=not a.quiet, gguf=gguf_options(a))
+    fmt = json.loads((out / runfile.RUN_FILE).read_text())["format"]["name"]
     print(f"{fmt} model written to {out}")
     return 0
 
@@ -850,14 +890,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from omniquant.generate import generate_native
 
         check_native(a.kernels, a.compile, a.device)
-        decoder, tokenizer = api.load_native(a.model, head=a.head, progress=not a.quiet)
+        decoder, tokenizer = omniquant.load_native(a.model, head=a.head, progress=not a.quiet)
         torch.manual_seed(a.seed)
         generate_native(
             decoder, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.chat, sys.stdout
         )
         return 0
-    api.check_head(a.head, a.kernels)
-    model, tokenizer = api.load(
+    checks.check_head(a.head, a.kernels)
+    model, tokenizer = omniquant.load(
         a.model,
         kernels=a.kernels,
         device=a.device,
@@ -882,7 +922,7 @@ def check_native(kernels: bool, compile: bool, device: str) -> None:
     """Refuse, before loading, what generate --native cannot be combined with."""
     if compile:
         raise ConfigError("--native decodes on its own: drop --compile")
-    api.check_native_settings(kernels, device)
+    checks.check_native_settings(kernels, device)
 
 
 COMMANDS = {
@@ -909,6 +949,16 @@ def bars_off() -> Iterator[None]:
         std.tqdm.__init__ = init
 
 
+def notes(e: BaseException) -> list[str]:
+    return [str(n) for n in getattr(e, "__notes__", [])]
+
+
+def error_line(e: BaseException, text: bool = True) -> str:
+    """An error (and its notes: what a failed run kept) as one line, settings named as flags."""
+    parts = ([str(e)] if text and str(e) else []) + notes(e)
+    return flag_names("; ".join(parts))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -929,8 +979,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with bars_off() if args.quiet else contextlib.nullcontext():
             return COMMANDS[args.command](args)
     except OmniQuantError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted{'; ' if notes(e) else ''}{error_line(e, text=False)}", file=sys.stderr)
+        return 130
     finally:
         if bars and args.quiet:
             hf_logging.enable_progress_bar()

@@ -186,6 +186,14 @@ class CalibConfig:
         return self.method == "omniquant" and self.epochs > 0 and learns
 
     @property
+    def windows(self) -> int:
+        """The calibration windows a run draws: `nsamples` and the guards' `val_windows`, or one
+        batch for a run that learns nothing (RTN: the block loop only measures its error)."""
+        if self.trains or self.let or self.e2e_epochs:  # LET's start reads activation statistics
+            return self.nsamples + self.val_windows
+        return self.batch_size
+
+    @property
     def val_windows(self) -> int:
         """Held-out windows for the guards (the block loop's and the end-to-end stage's):
         `val_samples`, or by default an eighth of `nsamples` (at least one batch), none when
@@ -209,8 +217,8 @@ class OmniQuantConfig:
     def __post_init__(self) -> None:
         if self.calib.e2e_epochs and self.act.enabled:
             raise ConfigError(
-                f"the end-to-end stage (e2e_epochs={self.calib.e2e_epochs}) trains weight-only "
-                f"models; drop it or quantize weights only (abits 16, not {self.act.bits})"
+                f"the end-to-end stage (`e2e_epochs` {self.calib.e2e_epochs}) trains weight-only "
+                f"models; drop it or quantize weights only (`act.bits` 16, not {self.act.bits})"
             )
 
     @property
@@ -251,7 +259,9 @@ def unused_settings(calib: CalibConfig) -> list[tuple[list[str], str]]:
         changed = [n for n in ("let_alpha", "let_lr") if getattr(calib, n) != getattr(d, n)]
         groups.append((changed, "let"))
     if not calib.e2e_epochs:
-        changed = [n for n in ("e2e_lr", "e2e_loss", "e2e_topk") if getattr(calib, n) != getattr(d, n)]
+        changed = [
+            n for n in ("e2e_lr", "e2e_loss", "e2e_topk") if getattr(calib, n) != getattr(d, n)
+        ]
         groups.append((changed, "e2e_epochs"))
     return [(names, needs) for names, needs in groups if names]
 

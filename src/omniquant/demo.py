@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from omniquant import api
+import omniquant
 from omniquant.config import OmniQuantConfig
 
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -59,11 +59,13 @@ def demo_rows(
     evaluate: Evaluate,
     **quantize_kwargs: Any,
 ) -> list[DemoRow]:
-    """Float, RTN and OmniQuant rows; `quantize_kwargs` go to `api.quantize` (device, ...)."""
+    """Float, RTN and OmniQuant rows; `quantize_kwargs` go to `omniquant.quantize` (device, ...)."""
     rows = [DemoRow("float", "-", {d: evaluate(model, d) for d in datasets})]
     for method in ("rtn", "omniquant"):
         cfg = with_method(config, method)
-        result = api.quantize(copy.deepcopy(model), cfg, tokenizer=tokenizer, **quantize_kwargs)
+        result = omniquant.quantize(
+            copy.deepcopy(model), cfg, tokenizer=tokenizer, **quantize_kwargs
+        )
         rows.append(
             DemoRow(
                 method,

@@ -109,7 +109,7 @@ class StepLinear(nn.Module):
         super().__init__()
         device = linear.weight.device
         self.qp = qp
-        codes = to_groups(weight_codes(linear.weight, qp).float(), qp.group_size)
+        codes = to_groups(weight_codes(linear.weight, qp).float(), qp.group)
         centered = from_groups(codes - qp.zero.float().unsqueeze(-1), qp.in_features)
         dtype = torch.int8 if qp.bits < 8 else torch.int16
         self.register_buffer("codes", centered.to(dtype).to(device))
@@ -123,7 +123,7 @@ class StepLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.detach()
-        return StepLinearFunction.apply(x, self.codes, self.scale(), bias, self.qp.group_size)
+        return StepLinearFunction.apply(x, self.codes, self.scale(), bias, self.qp.group)
 
     @torch.no_grad()
     def bound(self) -> None:
@@ -133,7 +133,7 @@ class StepLinear(nn.Module):
         """Put the trained grid into the original linear: weight (u - z) h and its scales."""
         scale = self.scale().detach()
         with torch.no_grad():
-            w = grid_weight(self.codes, scale, self.qp.group_size)
+            w = grid_weight(self.codes, scale, self.qp.group)
             linear.weight.data = w.to(linear.weight.dtype)
         setattr(linear, QPARAMS_ATTR, replace(self.qp, scale=scale.float().cpu().contiguous()))
 

@@ -100,7 +100,7 @@ def generate(
 
     compile=True decodes through `torch.compile` with a static KV cache (CUDA graphs on CUDA):
     the first call spends tens of seconds compiling, later tokens come faster (SmolLM2 W4A16g128
-    on 2 CPU threads: see the README's inference table).
+    on 2 CPU threads: see benchmarks/README.md#compiled-decoding).
 
     native=True decodes a fake-quantized model (with its grids) through `kernels.native`'s
     one-call C++ decode step on the CPU, its head in `head` (float32 or float16)."""

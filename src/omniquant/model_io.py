@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,6 +36,15 @@ DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+NO_WEIGHTS = "model.safetensors, or model.safetensors.index.json with its shards"
+JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 LOCAL_HINT = f"use a local folder, a .gguf file, or '{DEFAULT_MODEL}' for the embedded default"
@@ -116,9 +127,64 @@ def one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _model_type_hint(config: dict[str, Any]) -> str:
+    """An example model_type for a config that lacks one: the model type whose name begins its
+    `architectures` class (LlamaForCausalLM: llama) when transformers knows it, else llama's."""
+    architectures = config.get("architectures")
+    names = (
+        [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else []
+    )
+    try:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as known,
+        )
+    except ImportError:
+        known = {}
+    for cls in names:
+        types = [
+            t
+            for t, c in known.items()
+            if c == cls and cls.lower().startswith(t.split("_")[0].replace("-", ""))
+        ]
+        if types:
+            return f'"model_type": "{max(types, key=len)}" for its architecture {cls}'
+    return '"model_type": "llama" for a Llama model'
+
+
+def read_folder_config(path: Path) -> dict[str, Any]:
+    """A local model folder's config.json, refused with what is wrong with it (missing, not
+    JSON, not a JSON object, naming no model_type): transformers reports all of these as a
+    model that the Hub did not provide."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelError(f"{path} exists but holds no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{file} is not UTF-8 text ({one_line(e)}); is it a config.json?") from e
+    except json.JSONDecodeError as e:
+        raise ModelError(
+            f"{file} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); fix or "
+            f"replace it"
+        ) from e
+    except OSError as e:
+        raise ModelError(f"could not read {file}: {one_line(e)}") from e
+    if not isinstance(config, dict):
+        kind = JSON_KINDS.get(type(config), "null")
+        raise ModelError(f"{file} holds {kind}, not a JSON object of model settings")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type.strip():
+        raise ModelError(
+            f"{file} names no model_type, so transformers cannot tell which model it is; add "
+            f"one ({_model_type_hint(config)})"
+        )
+    return config
+
+
 def check_loadable_folder(path: Path) -> None:
     """Refuse a folder that `from_pretrained` would open with random weights in place of its
-    own: an omniquant-packed export, or a pickle checkpoint (never unpickled here)."""
+    own, or not at all: an omniquant-packed export, a pickle checkpoint (never unpickled here),
+    or no weights file."""
     record = read_run_record(path)
     if record is not None and record_format(record) == "omniquant-packed":
         raise ModelError(
@@ -126,13 +192,15 @@ def check_loadable_folder(path: Path) -> None:
             f"cannot read); open it with omniquant.load('{path}') in Python, or "
             f"`omniquant eval|generate {path}` (--kernels for the integer kernels)"
         )
-    has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors and any((path / name).exists() for name in PICKLE_WEIGHTS):
+    if any(path.glob("*.safetensors")) or (path / SAFETENSORS_INDEX).exists():
+        return
+    if any(path.glob("pytorch_model*.bin")) or (path / PICKLE_WEIGHTS[1]).exists():
         raise ModelError(
             f"{path} holds only a pickle checkpoint (pytorch_model.bin), which omniquant does not "
             f"load (unpickling can run code); convert it to safetensors with a tool you trust "
             f"(model.save_pretrained(folder, safe_serialization=True))"
         )
+    raise ModelError(f"{path} has no weights file ({NO_WEIGHTS}); copy the model's weights into it")
 
 
 def is_hub_id(name: str) -> bool:
@@ -167,10 +235,7 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
             raise ModelError(f"GGUF file {path} does not exist")
         return str(_convert_gguf(path))
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelError(
-                f"{path} exists but holds no config.json: not a Hugging Face model folder"
-            )
+        read_folder_config(path)
         check_loadable_folder(path)
         return str(path)
     if name.startswith((".", "/", "~")) or not is_hub_id(name):
@@ -187,6 +252,8 @@ def hub_options(path: str) -> dict[str, Any]:
 
 
 def _not_found(path: str, options: dict[str, Any], e: BaseException) -> ModelError:
+    if Path(path).is_dir():  # checked by resolve_model_path: a file it needs, such as a shard
+        return ModelError(f"could not load the model folder {path}: {one_line(e)}")
     if options.get("local_files_only"):
         return ModelError(
             f"model {path!r} is not a local path, and the Hugging Face Hub is unreachable "
@@ -198,18 +265,34 @@ def _not_found(path: str, options: dict[str, Any], e: BaseException) -> ModelErr
     )
 
 
+def _mismatched(key: Any) -> str:
+    """`name (checkpoint [10], model [64])` of a `mismatched_keys` entry (name, ckpt, model)."""
+    if not isinstance(key, tuple):
+        return str(key)
+    if len(key) == 3:
+        return f"{key[0]} (checkpoint {list(key[1])}, model {list(key[2])})"
+    return str(key[0])
+
+
 def check_weights_match(path: str, info: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose tensors do not match the model (transformers would fill the
-    missing ones with random values)."""
+    """Refuse a checkpoint whose tensors do not match the model: missing tensors or ones of
+    the wrong shape (transformers would fill them with random values), or tensors that the
+    model has no place for (its config.json does not describe the checkpoint)."""
     missing, unexpected = (
         sorted(info.get("missing_keys", [])),
         sorted(info.get("unexpected_keys", [])),
     )
-    mismatched = [
-        str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", [])
-    ]
+    mismatched = sorted(_mismatched(k) for k in info.get("mismatched_keys", []))
     if not (missing or unexpected or mismatched):
         return
+    if not (missing or mismatched):
+        count = f"{len(unexpected)} tensor{'s' if len(unexpected) > 1 else ''}"
+        raise ModelError(
+            f"{path}: the checkpoint holds {count} that the model has no place for (e.g. "
+            f"{', '.join(unexpected[:3])}), which transformers would drop: its config.json does "
+            f"not describe these weights (another architecture, more layers, quantized "
+            f"tensors?); fix config.json or remove those tensors"
+        )
     parts = [
         f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
         for label, keys in (
@@ -226,6 +309,40 @@ def check_weights_match(path: str, info: dict[str, Any]) -> None:
     )
 
 
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' own load report (its MISSING/UNEXPECTED/MISMATCH table):
+    `check_weights_match` says what is wrong, in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Silence transformers' load report while loading, except where transformers then fails
+    with an error that refers to it ('look at the above report'): it is shown then."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldLoadReport()
+    logger.addFilter(held)
+    try:
+        yield
+    except Exception as e:
+        logger.removeFilter(held)
+        if "report" in str(e):
+            for record in held.records:
+                logger.handle(record)
+        raise
+    finally:
+        logger.removeFilter(held)
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -236,10 +353,15 @@ def load_model(
     path = resolve_model_path(name_or_path)
     options = hub_options(path)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, output_loading_info=True, **options
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+        with quiet_load_report():  # mismatched shapes are reported, not raised: checked below
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=dtype,
+                use_safetensors=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **options,
+            )
     except OSError as e:
         raise _not_found(path, options, e) from e
     except ValueError as e:
@@ -249,6 +371,12 @@ def load_model(
             f"could not read the weights of {path!r}: {one_line(e)}; is the download complete?"
         ) from e
     check_weights_match(path, info)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+    except OSError as e:
+        raise _not_found(path, options, e) from e
+    except Exception as e:  # no tokenizer files, or ones that need a missing package
+        raise ModelError(f"could not load the tokenizer of {path!r}: {one_line(e)}") from e
     model.eval()
     return model, tokenizer
 

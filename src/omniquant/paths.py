@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from omniquant.errors import OutputError
@@ -26,3 +27,9 @@ def check_new_output(path: Path, what: str = "output folder") -> None:
         raise OutputError(f"cannot create {what} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot create {what} {path}: {parent} is not writable")
+    try:  # permissions are not the whole story (root on a read-only mount, /proc, a full quota)
+        os.rmdir(tempfile.mkdtemp(prefix=".omniquant-probe-", dir=parent))
+    except OSError as e:
+        raise OutputError(
+            f"cannot create {what} {path}: {parent} takes no new folders ({e.strerror})"
+        ) from e

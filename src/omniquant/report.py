@@ -26,7 +26,7 @@ BLOCK_PLOT = "block_loss.png"
 EPOCH_PLOT = "epoch_loss.png"
 BITS_PLOT = "perplexity_vs_bits.png"
 LOG_RANGE = 30.0  # plot on a log scale when max / min of the values exceeds this
-FIGSIZE = (8.0, 4.5)  # inches at DPI: 800 × 450 px, the README's width
+FIGSIZE = (8.0, 4.5)  # inches at DPI: 800 × 450 px, the plot width
 DPI = 100
 
 

@@ -14,7 +14,6 @@ from omniquant.config import OmniQuantConfig
 from omniquant.errors import ConfigError, ModelError
 
 RUN_FILE = "omniquant.json"
-FORMAT_NAMES = ("fake", "compressed-tensors", "omniquant-packed", "gguf")
 
 
 def record_problem(record: Any) -> str | None:
@@ -23,9 +22,11 @@ def record_problem(record: Any) -> str | None:
         return "it is not a JSON object"
     if not isinstance(record.get("config"), dict):
         return "its 'config' is missing"
+    from omniquant.formats import FORMATS  # the registry's names (formats import this module)
+
     fmt = record.get("format", {"name": "fake"})
-    if not isinstance(fmt, dict) or fmt.get("name") not in FORMAT_NAMES:
-        return f"its 'format' is not one of {', '.join(FORMAT_NAMES)}"
+    if not isinstance(fmt, dict) or fmt.get("name") not in FORMATS:
+        return f"its 'format' is not one of {', '.join(FORMATS)}"
     try:
         OmniQuantConfig.from_dict(record["config"])
     except (ConfigError, TypeError) as e:
@@ -65,3 +66,30 @@ def record_setting(record: dict[str, Any]) -> str:
 def record_format(record: dict[str, Any]) -> str:
     """The folder's format: fake, compressed-tensors, omniquant-packed or gguf."""
     return str(record.get("format", {}).get("name", "fake"))
+
+
+def write_run_record(
+    folder: Path, record: dict[str, Any], fmt: dict[str, Any] | None = None
+) -> None:
+    """Write the folder's omniquant.json: the run's record, with `fmt` as its "format" entry
+    when given (the one writer of the file; `read_run_record` is its one reader)."""
+    if fmt is not None:
+        record = {**record, "format": fmt}
+    (Path(folder) / RUN_FILE).write_text(json.dumps(record, indent=2))
+
+
+def versions() -> dict[str, str]:
+    """The versions a run record names: omniquant, torch, transformers, Python."""
+    import platform
+
+    import torch
+    import transformers
+
+    from omniquant.version import __version__
+
+    return {
+        "omniquant": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

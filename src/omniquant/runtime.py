@@ -32,16 +32,16 @@ def check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"unknown device {device!r}; use --device cpu or cuda (cuda:N)") from e
+        raise ConfigError(f"unknown device {device!r}; use `device` cpu or cuda (cuda:N)") from e
     if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported; use --device cpu or cuda (cuda:N)")
+        raise ConfigError(f"device {device!r} is not supported; use `device` cpu or cuda (cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"--device {device} was asked but no CUDA device is available; use --device cpu"
+            f"`device` {device} was asked but no CUDA device is available; use `device` cpu"
         )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(
-            f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices"
+            f"`device` {device}: there are only {torch.cuda.device_count()} CUDA devices"
         )
     return dev
 

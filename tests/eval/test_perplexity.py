@@ -24,7 +24,7 @@ def test_window_nll_equals_a_direct_cross_entropy():
 @needs_austen
 @pytest.mark.slow
 def test_float_smollm2_scores_the_published_austen_v1_figure(smollm2_folder):
-    from omniquant.api import evaluate
+    from omniquant import evaluate
 
     ppl = evaluate(smollm2_folder, progress=False)
     assert ppl == pytest.approx(33.3325, rel=1e-3)  # BENCHMARK.md: within 0.1%

@@ -90,7 +90,7 @@ def test_adapter_loglikelihoods_equal_a_direct_computation():
 
 @needs_lm_eval
 def test_a_model_made_to_prefer_the_answers_beats_a_broken_one(trained_folder, task_folder):
-    from omniquant.api import load
+    from omniquant import load
 
     model, tok = load(trained_folder)
     good = zeroshot(model, tok, [TASK], include_path=str(task_folder), progress=False)
@@ -106,7 +106,7 @@ def test_a_model_made_to_prefer_the_answers_beats_a_broken_one(trained_folder, t
 
 @needs_lm_eval
 def test_limit_caps_the_documents(trained_folder, task_folder):
-    from omniquant.api import load
+    from omniquant import load
 
     model, tok = load(trained_folder)
     with torch.no_grad():

@@ -10,6 +10,15 @@ from omniquant.kernels.linear import QuantLinear
 from omniquant.quant.activation import HOOK_FLAG
 from tests.conftest import needs_austen
 
+
+def write_packed(model, config, folder):
+    """An omniquant-packed folder with its run record, as export writes it."""
+    from omniquant.formats import write_packed_format
+
+    record = {"config": config.to_dict()}
+    write_packed_format("omniquant-packed", model, None, config, record, folder)
+
+
 pytestmark = needs_austen
 FAST = CalibConfig(epochs=1, nsamples=2, seqlen=32)
 IDS = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -102,11 +111,10 @@ def _rtn_model(family):
 
 
 def test_every_family_round_trips_through_the_packed_format(family, tmp_path):
-    from omniquant.formats.packed import write_packed
     from tests.conftest import random_ids
 
     model, config = _rtn_model(family)
-    write_packed(model, None, {"config": config.to_dict()}, tmp_path / "q")
+    write_packed(model, config, tmp_path / "q")
     ids = random_ids(2, 24)
     with torch.no_grad():
         want = model(ids).logits
@@ -120,13 +128,13 @@ def test_every_family_round_trips_through_the_packed_format(family, tmp_path):
 def test_float_tensors_exact_in_bf16_are_stored_as_bf16(tmp_path):
     from safetensors import safe_open
 
-    from omniquant.formats.packed import WEIGHTS_FILE, write_packed
+    from omniquant.formats.packed import WEIGHTS_FILE
 
     model, config = _rtn_model("llama")
     emb = model.get_input_embeddings().weight
     with torch.no_grad():  # a bf16 checkpoint upcast to float32; the norms stay float32 values
         emb.copy_(emb.bfloat16().float())
-    write_packed(model, None, {"config": config.to_dict()}, tmp_path / "q")
+    write_packed(model, config, tmp_path / "q")
     with safe_open(str(tmp_path / "q" / WEIGHTS_FILE), framework="pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
         assert f.get_tensor("model.norm.weight").dtype == torch.float32
@@ -150,7 +158,7 @@ def test_perplexity_with_the_kernels_is_that_of_the_fake_quantized_model(
     real = omniquant.evaluate(out, kernels=True, **kw)
     assert abs(real - fake) <= 0.02 * fake
     model, tokenizer = omniquant.load(out)
-    with pytest.raises(ConfigError, match="kernels=True needs a model path"):
+    with pytest.raises(ConfigError, match="`kernels` needs a model path"):
         omniquant.evaluate(model, tokenizer=tokenizer, kernels=True, **kw)
     # a float folder has no integer form: a clear error, not a silent float run
     args = ["eval", str(tiny_llama_folder), "--kernels", "--eval-windows", "2", "--quiet"]
@@ -159,10 +167,9 @@ def test_perplexity_with_the_kernels_is_that_of_the_fake_quantized_model(
 
 
 def test_packed_loading_shows_a_bar_only_when_asked(tmp_path, capsys):
-    from omniquant.formats.packed import write_packed
 
     model, config = _rtn_model("llama")
-    write_packed(model, None, {"config": config.to_dict()}, tmp_path / "q")
+    write_packed(model, config, tmp_path / "q")
     capsys.readouterr()
     omniquant.load(tmp_path / "q", kernels=True)
     assert "packed layers" not in capsys.readouterr().err

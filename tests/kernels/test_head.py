@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from omniquant.api import check_head
+from omniquant.checks import check_head
 from omniquant.errors import ConfigError
 from omniquant.kernels.head import DECODE_ROWS, UPCAST_ROWS, HalfEmbedding, HalfHead, use_half_head
 from tests.conftest import tiny_model
@@ -63,7 +63,7 @@ def test_untied_and_scaled_embeddings_keep_their_float32_table():
 
 
 def test_a_float16_head_needs_the_kernels_and_a_known_dtype():
-    with pytest.raises(ConfigError, match="add --kernels"):
+    with pytest.raises(ConfigError, match="add `kernels`"):
         check_head("float16", kernels=False)
     with pytest.raises(ConfigError, match="float32, float16"):
         check_head("bfloat16", kernels=True)

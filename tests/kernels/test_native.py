@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from omniquant import api
+import omniquant
 from omniquant.cli import main
 from omniquant.config import WeightQuant
 from omniquant.data import AUSTEN_RDB
@@ -83,7 +83,7 @@ def integer_arithmetic(model: nn.Module, bits: int) -> None:
         codes = weight_codes(lin.weight, qp).float()
         y = torch.zeros(rows.shape[0], codes.shape[0])
         for g in range(qp.n_groups):
-            cols = slice(g * qp.group_size, min((g + 1) * qp.group_size, qp.in_features))
+            cols = slice(g * qp.group, min((g + 1) * qp.group, qp.in_features))
             y += (x8[:, cols] @ codes[:, cols].T) * qp.scale[:, g]
             y -= rows[:, cols].sum(-1, keepdim=True) * (qp.zero[:, g].float() * qp.scale[:, g])
         if lin.bias is not None:
@@ -199,7 +199,8 @@ def test_tokens_are_the_argmax_chain_stop_at_eos_and_sample_under_a_seed():
 
 
 @pytest.mark.parametrize(
-    "family,message", [("gemma3", "sandwich norms.*without --native"), ("opt", "layernorm norms.*no RoPE")]
+    "family,message",
+    [("gemma3", "sandwich norms.*without `native`"), ("opt", "layernorm norms.*no RoPE")],
 )
 def test_families_it_does_not_compute_are_refused(family, message):
     from tests.conftest import tiny_model
@@ -234,10 +235,14 @@ def test_integer_kernels_and_activation_hooks_are_refused():
 def test_cli_generate_native_streams_what_the_decoder_gives(tiny_llama_folder, tmp_path, capsys):
     from omniquant.config import CalibConfig, OmniQuantConfig
 
-    config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2))
+    config = OmniQuantConfig(
+        WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2, seqlen=64)
+    )
     out = tmp_path / "q"
-    api.quantize(tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False)
-    model, tokenizer = api.load(out)
+    omniquant.quantize(
+        tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False
+    )
+    model, tokenizer = omniquant.load(out)
     model.generation_config.eos_token_id = None
     buf = io.StringIO()
     new = generate(model, tokenizer, "Anne", 5, out=buf, native=True, head="float16")
@@ -284,20 +289,24 @@ def test_a_packed_folder_goes_to_the_decoder_without_float_blocks(tiny_llama_fol
     from omniquant.config import CalibConfig, OmniQuantConfig
     from omniquant.formats.packed import load_packed
 
-    calib = CalibConfig(method="rtn", nsamples=2)
+    calib = CalibConfig(method="rtn", nsamples=2, seqlen=64)
     out = tmp_path / "q"
     config = OmniQuantConfig(WeightQuant(3, 64), calib=calib)
-    api.quantize(tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False)
+    omniquant.quantize(
+        tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False
+    )
     model, _, _ = load_packed(out, native=True)
     assert model.model.layers[0].mlp.down_proj.weight.is_meta  # the codes stand for it
-    direct, _ = api.load_native(out, head="float32")
-    fake = NativeDecoder(api.load(out)[0], head="float32")
+    direct, _ = omniquant.load_native(out, head="float32")
+    fake = NativeDecoder(omniquant.load(out)[0], head="float32")
     assert torch.equal(native_logits(direct, IDS), native_logits(fake, IDS))
     eight = tmp_path / "q8"
     config = OmniQuantConfig(WeightQuant(8, 32), calib=calib)
-    api.quantize(tiny_llama_folder, config, output=eight, format="omniquant-packed", progress=False)
+    omniquant.quantize(
+        tiny_llama_folder, config, output=eight, format="omniquant-packed", progress=False
+    )
     with pytest.raises(ConfigError, match="2-4-bit"):
-        api.load_native(eight)
+        omniquant.load_native(eight)
 
 
 def test_no_compiler_or_a_failed_build_is_one_clear_error(monkeypatch, tmp_path):
@@ -365,12 +374,16 @@ def test_eval_native_measures_the_decoders_perplexity(tiny_llama_folder, tmp_pat
 
     from omniquant.config import CalibConfig, OmniQuantConfig
 
-    config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2))
+    config = OmniQuantConfig(
+        WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2, seqlen=64)
+    )
     out = tmp_path / "q"
-    api.quantize(tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False)
+    omniquant.quantize(
+        tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False
+    )
     settings = {"seqlen": 64, "max_windows": 3, "progress": False}
-    fake = api.evaluate(out, **settings)
-    native = api.evaluate(out, native=True, head="float32", **settings)
+    fake = omniquant.evaluate(out, **settings)
+    native = omniquant.evaluate(out, native=True, head="float32", **settings)
     assert native != fake and abs(native / fake - 1) < 1e-3  # int16 activations: close, not equal
     args = ["eval", str(out), "--eval-seqlen", "64", "--eval-windows", "3", "--quiet"]
     capsys.readouterr()
@@ -391,19 +404,23 @@ def test_a_rounded_untied_head_decodes_and_activation_runs_are_refused_before_lo
     from omniquant.config import ActQuant, CalibConfig, OmniQuantConfig
     from omniquant.formats import packed
 
-    calib = CalibConfig(method="rtn", nsamples=2)
+    calib = CalibConfig(method="rtn", nsamples=2, seqlen=64)
     out = tmp_path / "head"
     config = OmniQuantConfig(WeightQuant(4, 32), calib=calib, quantize_lm_head=True)
-    api.quantize(tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False)
-    direct, _ = api.load_native(out, head="float32")
-    fake_model = api.load(out)[0]
+    omniquant.quantize(
+        tiny_llama_folder, config, output=out, format="omniquant-packed", progress=False
+    )
+    direct, _ = omniquant.load_native(out, head="float32")
+    fake_model = omniquant.load(out)[0]
     fake = NativeDecoder(fake_model, head="float32")
     assert direct.embedding is not direct.head  # --quantize-lm-head unties the head
     assert torch.equal(direct.head, fake.head)
     assert torch.equal(native_logits(direct, IDS), native_logits(fake, IDS))
     acts = tmp_path / "w4a8"
     config = OmniQuantConfig(WeightQuant(4, 32), ActQuant(8), calib=calib)
-    api.quantize(tiny_llama_folder, config, output=acts, format="omniquant-packed", progress=False)
+    omniquant.quantize(
+        tiny_llama_folder, config, output=acts, format="omniquant-packed", progress=False
+    )
     monkeypatch.setattr(packed, "load_packed", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ConfigError, match="quantizes activations"):
-        api.load_native(acts)
+        omniquant.load_native(acts)

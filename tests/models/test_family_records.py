@@ -7,6 +7,7 @@ whose `config_class` gives the config), tiny and on the meta device: no weights 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, get_args
 
@@ -58,12 +59,20 @@ def _raises(fn: Any, error: type[Exception]) -> str | None:
     return None
 
 
-def _trigger(config: Any, refusal: Refusal) -> Any:
-    """A copy of `config` that sets what `refusal` refuses."""
-    changed = config.__class__.from_dict(config.to_dict())
+def _setting(config: Any, refusal: Refusal, refused: bool) -> Any:
+    """A copy of `config` that sets (or, not `refused`, clears) what `refusal` refuses."""
+    changed = copy.deepcopy(config)
     other = getattr(config, refusal.unless_equal_to, None) if refusal.unless_equal_to else None
-    setattr(changed, refusal.setting, True if other is None else other + 1)
-    return changed
+    if refusal.unless_equal_to is not None:
+        setattr(changed, refusal.setting, other + 1 if refused else other)
+        return changed
+    for value in (True, 1.0, 1) if refused else (None, False):  # configs check their types
+        try:
+            setattr(changed, refusal.setting, value)
+            return changed
+        except Exception:  # transformers' strict configs raise their own validation error
+            continue
+    raise AssertionError(f"no value of {refusal.setting} that {type(config).__name__} takes")
 
 
 def gguf_problems(arch: Architecture, config: Any, model: nn.Module) -> list[str]:
@@ -79,6 +88,18 @@ def gguf_problems(arch: Architecture, config: Any, model: nn.Module) -> list[str
         return []
     spec = arch.gguf
     problems = []
+    for refusal in spec.refusals:
+        for setting in (refusal.setting, refusal.unless_equal_to):
+            if setting is not None and not hasattr(config, setting):
+                problems.append(f"its config has no {setting!r} (a refusal reads it)")
+    if problems:
+        return problems
+    for refusal in spec.refusals:  # what the family refuses, then, one by one, each refusal
+        refused = _setting(config, refusal, True)
+        message = _raises(lambda c=refused: gguf_architecture(c), ExportError)
+        if message is None or message != refusal.check(refused):
+            problems.append(f"GGUF does not refuse {refusal.setting} with its reason: {message}")
+        config = _setting(config, refusal, False)
     got = _raises(lambda: gguf_architecture(config), ExportError)
     if got is not None:
         return [f"GGUF refuses its default config: {got}"]
@@ -99,15 +120,6 @@ def gguf_problems(arch: Architecture, config: Any, model: nn.Module) -> list[str
         problems.append(f"unknown RoPE scaling in {spec.rope_scaling}")
     if not set(spec.metadata) <= set(get_args(GgufKey)):
         problems.append(f"unknown GGUF metadata keys in {spec.metadata}")
-    for refusal in spec.refusals:
-        for setting in (refusal.setting, refusal.unless_equal_to):
-            if setting is not None and not hasattr(config, setting):
-                problems.append(f"its config has no {setting!r} (a refusal reads it)")
-        if problems:
-            continue
-        message = _raises(lambda r=refusal: gguf_architecture(_trigger(config, r)), ExportError)
-        if message is None or message != refusal.check(_trigger(config, refusal)):
-            problems.append(f"GGUF does not refuse {refusal.setting} with its reason: {message}")
     return problems
 
 

@@ -29,8 +29,21 @@ def bos_token_id(tokenizer: Any) -> int | None:
     return None if bos is None else int(bos)
 
 
-def _as_token_tensor(tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+def _text_span(
+    tokens: Sequence[int] | torch.Tensor, seqlen: int, bos_id: int | None, what: str, setting: str
+) -> tuple[torch.Tensor, int]:
+    """The tokens as one int64 tensor and the text tokens a window holds (``seqlen - 1`` beside a
+    BOS token); refuses a window shorter than 2 or longer than the text."""
+    if seqlen < 2:
+        raise DataError(f"seqlen must be at least 2, got {seqlen}")
+    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    span = seqlen - 1 if bos_id is not None else seqlen
+    if ids.numel() < span:
+        raise DataError(
+            f"{what} text too short: a window of {seqlen} tokens needs {span} text tokens, "
+            f"found {ids.numel()}; use a smaller {setting} or a longer text"
+        )
+    return ids, span
 
 
 def calibration_windows(
@@ -53,15 +66,7 @@ def calibration_windows(
     """
     if nsamples < 1:
         raise DataError(f"nsamples must be at least 1, got {nsamples}")
-    if seqlen < 2:
-        raise DataError(f"seqlen must be at least 2, got {seqlen}")
-    ids = _as_token_tensor(tokens)
-    span = seqlen - 1 if bos_id is not None else seqlen
-    if ids.numel() < span:
-        raise DataError(
-            f"calibration text too short: a window of seqlen {seqlen} needs {span} text tokens, "
-            f"found {ids.numel()}; use a smaller --seqlen or a longer text"
-        )
+    ids, span = _text_span(tokens, seqlen, bos_id, "calibration", "`seqlen`")
     rng = random.Random(seed)
     out = torch.empty((nsamples, seqlen), dtype=torch.long)
     offset = 0
@@ -92,20 +97,12 @@ def eval_windows(
     Raises:
         DataError: bad ``seqlen``/``max_windows``, or a text shorter than one window.
     """
-    if seqlen < 2:
-        raise DataError(f"seqlen must be at least 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise DataError(f"max_windows must be at least 1 or None, got {max_windows}")
-    ids = _as_token_tensor(tokens)
-    span = seqlen - 1 if bos_id is not None else seqlen
+    ids, span = _text_span(tokens, seqlen, bos_id, "evaluation", "--eval-seqlen")
     count = ids.numel() // span
     if max_windows is not None:
         count = min(count, max_windows)
-    if count == 0:
-        raise DataError(
-            f"evaluation text too short: a window of {seqlen} tokens needs {span} text tokens, "
-            f"found {ids.numel()}; use a smaller --eval-seqlen or a longer text"
-        )
     chunks = ids[: count * span].reshape(count, span)
     if bos_id is None:
         return chunks.clone()

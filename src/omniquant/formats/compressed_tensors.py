@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from omniquant.config import OmniQuantConfig
 from omniquant.errors import ExportError
+from omniquant.formats.base import Format, LoadJob, WriteJob
 from omniquant.quant.packing import pack_columns, pack_rows
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, weight_codes
 
 PACKED_BITS = (2, 4, 8)  # widths whose dense packing every compressed-tensors version reads alike
-OTHER_FORMAT = "use --format omniquant-packed, which holds every setting"
+OTHER_FORMAT = "use `format` omniquant-packed, which holds every setting"
 
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -67,7 +68,7 @@ def check_compressed_tensors_setting(config: OmniQuantConfig) -> None:
     if act.enabled and act.quantize_qkv:
         raise ExportError(
             "compressed-tensors cannot hold the per-head query/key/value quantizers of this run; "
-            "re-quantize with --no-qkv-quant, or " + OTHER_FORMAT
+            "re-quantize with `quantize_qkv` off, or " + OTHER_FORMAT
         )
     if not act.enabled and bits not in PACKED_BITS:
         raise ExportError(
@@ -80,7 +81,7 @@ def _ragged_error(name: str, group_size: int, width: int) -> ExportError:
     return ExportError(
         f"{name}: group size {group_size} does not divide its width {width} (the last group "
         f"is shorter), which compressed-tensors cannot hold; quantize with a group size that "
-        f"divides every width (e.g. 64 for SmolLM2), per-channel (--group-size 0), or "
+        f"divides every width (e.g. 64 for SmolLM2), per-channel (`group_size` 0), or "
         + OTHER_FORMAT
     )
 
@@ -99,13 +100,13 @@ def check_compressed_tensors(model: nn.Module, config: OmniQuantConfig) -> None:
     for name, linear in linears_to_export(model).items():
         qp: LinearQParams = getattr(linear, QPARAMS_ATTR)
         if qp.ragged:
-            raise _ragged_error(name, qp.group_size, qp.in_features)
+            raise _ragged_error(name, qp.group, qp.in_features)
 
 
 def _strategy(qp: LinearQParams) -> dict[str, Any]:
     if qp.n_groups == 1:
         return {"strategy": "channel", "group_size": None}
-    return {"strategy": "group", "group_size": qp.group_size}
+    return {"strategy": "group", "group_size": qp.group}
 
 
 def quantization_config(
@@ -207,3 +208,33 @@ def write_compressed_tensors(
         gen.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def check_setting_and_widths(config: OmniQuantConfig, widths: dict[str, int], _: Any) -> None:
+    check_compressed_tensors_setting(config)
+    check_compressed_tensors_widths(widths, config.weight.group_size)
+
+
+def write(job: WriteJob) -> dict[str, Any]:
+    write_compressed_tensors(job.model, job.tokenizer, job.config, job.folder, job.progress)
+    return {"name": FORMAT.name}
+
+
+def load(job: LoadJob) -> tuple[nn.Module, Any]:
+    """Through transformers' own compressed-tensors support (its kernels, its activations)."""
+    from omniquant.model_io import load_model
+
+    return load_model(job.folder)
+
+
+FORMAT = Format(
+    name="compressed-tensors",
+    holds="packed integers that vLLM serves (2/4/8-bit weights with groups dividing every "
+    "width, or W8A8)",
+    engine="vLLM, transformers (compressed-tensors), llm-compressor",
+    check=check_setting_and_widths,
+    write=write,
+    load=load,
+    kernels="a compressed-tensors export, which runs through vLLM's or transformers' own "
+    "kernels: drop `kernels`, or export quantize's output with `format` omniquant-packed for ours",
+)

@@ -20,7 +20,6 @@ bytes, nothing lost); the loader reads every float tensor back as float32.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from omniquant.config import OmniQuantConfig
 from omniquant.errors import ModelError
+from omniquant.formats.base import Format, LoadJob, WriteJob
 from omniquant.formats.compressed_tensors import linears_to_export, quantized_linears
 from omniquant.kernels.linear import QuantLinear
 from omniquant.kernels.native import NATIVE_CODES_ATTR, check_grid, pack_codes
@@ -40,7 +40,7 @@ from omniquant.quant.primitives import effective_group_size
 from omniquant.quant.qparams import QPARAMS_ATTR, LinearQParams, dequantize, weight_codes
 from omniquant.runfile import RUN_FILE, read_run_record, record_config, record_format
 
-FORMAT = {"name": "omniquant-packed", "version": 1}
+RECORD_ENTRY = {"name": "omniquant-packed", "version": 1}  # the run record's "format"
 WEIGHTS_FILE = "model.safetensors"
 SUFFIXES = ("qweight", "scales", "zeros")
 
@@ -71,13 +71,10 @@ def packed_state(model: nn.Module, progress: bool = False) -> dict[str, torch.Te
 
 
 def write_packed(
-    model: nn.Module,
-    tokenizer: Any,
-    report: dict[str, Any],
-    folder: Path,
-    progress: bool = False,
-) -> None:
-    """Write an omniquant-packed model folder (the caller makes it atomic)."""
+    model: nn.Module, tokenizer: Any, folder: Path, progress: bool = False
+) -> dict[str, Any]:
+    """Write an omniquant-packed model folder (the caller makes it atomic and writes the run
+    record with the returned "format" entry)."""
     from safetensors.torch import save_file
 
     state = packed_state(model, progress)
@@ -89,13 +86,7 @@ def write_packed(
         gen.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    (folder / "omniquant.json").write_text(json.dumps({**report, "format": FORMAT}, indent=2))
-
-
-def is_packed(folder: Path) -> bool:
-    """Whether a folder holds an omniquant-packed model."""
-    record = read_run_record(folder)
-    return record is not None and record_format(record) == FORMAT["name"]
+    return dict(RECORD_ENTRY)
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -143,9 +134,9 @@ def load_packed(
     from transformers.initialization import no_init_weights
 
     report = read_run_record(folder)
-    if report is None or record_format(report) != FORMAT["name"]:
+    if report is None or record_format(report) != RECORD_ENTRY["name"]:
         raise ModelError(f"{folder} is not an omniquant-packed folder (see its {RUN_FILE})")
-    if report["format"].get("version") != FORMAT["version"]:
+    if report["format"].get("version") != RECORD_ENTRY["version"]:
         raise ModelError(f"{folder}: omniquant-packed version {report['format']} is not readable")
     config = record_config(report)
     with parameters_on_meta(), no_init_weights():  # the weights come from the file
@@ -177,7 +168,7 @@ def load_packed(
                 scale=file.get_tensor(f"{name}.scales").float(),
                 zero=file.get_tensor(f"{name}.zeros"),
                 bits=config.weight.bits,
-                group_size=effective_group_size(linear.in_features, config.weight.group_size),
+                group=effective_group_size(linear.in_features, config.weight.group_size),
                 in_features=linear.in_features,
             )
             # the head of a --quantize-lm-head run is dequantized: the decoder's head is float
@@ -214,3 +205,34 @@ def use_kernels(model: nn.Module, device: str = "cpu") -> int:
         _swap_for_kernel(model, name, weight_codes(linear.weight, qp), qp, device)
         n += 1
     return n
+
+
+def check_packed(*_: Any) -> None:
+    """Every setting: 2-8 bits, any group (a shorter last group too), W4A4 to W8A8."""
+
+
+def write(job: WriteJob) -> dict[str, Any]:
+    return write_packed(job.model, job.tokenizer, job.folder, job.progress)
+
+
+def load(job: LoadJob) -> tuple[nn.Module, Any]:
+    from omniquant.quant.activation import attach_act_quantizers_all
+
+    model, tokenizer, _ = load_packed(
+        job.folder,
+        job.kernels,
+        job.device,
+        prepare=lambda m: attach_act_quantizers_all(m, job.config),
+        progress=job.progress,
+    )
+    return model, tokenizer
+
+
+FORMAT = Format(
+    name="omniquant-packed",
+    holds="our packed layout for every setting (2-8 bits, any group, W4A4-W8A8)",
+    engine="omniquant.load (our int4/int8 kernels with `kernels`) and the native decoder",
+    check=check_packed,
+    write=write,
+    load=load,
+)

@@ -46,7 +46,7 @@ def int4_group(
     if device is not None and device.type == "cuda" and cuda_inner_k_tiles(qp.in_features) is None:
         return None
     for kg in INT4_GROUPS:
-        if qp.group_size % kg == 0 and qp.in_features % kg == 0:
+        if qp.group % kg == 0 and qp.in_features % kg == 0:
             return kg
     return None
 
@@ -146,5 +146,5 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.qp.bits}, "
-            f"group={self.qp.group_size}, path={self.path}"
+            f"group={self.qp.group}, path={self.path}"
         )

@@ -136,7 +136,7 @@ def compiler() -> str:
             return name
     raise ConfigError(
         "the native decoder needs a C++ compiler (g++ or clang++; set CXX) and none was found: "
-        "install one (Debian: apt-get install g++) or decode without --native"
+        "install one (Debian: apt-get install g++) or decode without `native`"
     )
 
 
@@ -194,7 +194,8 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_codes`."""
+    """The inverse of `pack_codes` (a checking tool: no run needs it; tests read the native
+    layout back with it)."""
     out, half = packed.shape
     blocks = packed.reshape(out, half // (BLOCK // 2), 1, BLOCK // 2)
     both = torch.cat([blocks & 15, blocks >> 4], dim=2)
@@ -204,7 +205,7 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 def group_starts(qp: LinearQParams) -> torch.Tensor:
     """Where each group of the grid starts, in blocks of 32, and the row's end (a ragged last group
     is shorter)."""
-    starts = [*range(0, qp.in_features, qp.group_size), qp.in_features]
+    starts = [*range(0, qp.in_features, qp.group), qp.in_features]
     return torch.tensor([s // BLOCK for s in starts], dtype=torch.int32)
 
 
@@ -213,22 +214,22 @@ def check_bits_and_group(where: str, bits: int, group_size: int | None) -> None:
     if bits > 4:
         raise ConfigError(
             f"{where}: the native decoder runs 2-4-bit weights, this one has {bits} bits; "
-            f"decode {bits}-bit models without --native"
+            f"decode {bits}-bit models without `native`"
         )
     if group_size is not None and group_size % BLOCK:
         raise ConfigError(
             f"{where}: the native decoder needs groups of a multiple of 32 (this one: group "
-            f"{group_size}); quantize with --group-size 32/64/128 or per channel"
+            f"{group_size}); quantize with `group_size` 32/64/128 or per channel"
         )
 
 
 def check_grid(name: str, qp: LinearQParams) -> None:
     """Refuse a linear's grid the native blocks cannot hold (bits, group, width)."""
-    check_bits_and_group(name, qp.bits, qp.group_size)
+    check_bits_and_group(name, qp.bits, qp.group)
     if qp.in_features % BLOCK:
         raise ConfigError(
             f"{name}: the native decoder needs a width that is a multiple of 32, this one has "
-            f"{qp.in_features}; decode it without --native"
+            f"{qp.in_features}; decode it without `native`"
         )
 
 
@@ -568,5 +569,5 @@ def check_supported(model: nn.Module, arch: Architecture, config: Any) -> None:
     if reasons:
         raise ConfigError(
             f"the native decoder cannot run this {arch.name} model: {'; '.join(reasons)}. "
-            "Decode it without --native"
+            "Decode it without `native`"
         )

@@ -17,11 +17,13 @@ GEMMA3 = Architecture(
             Refusal(
                 "query_pre_attn_scalar",
                 "llama.cpp scales Gemma 3 attention by 1/sqrt(head_dim); this model's "
-                "query_pre_attn_scalar {value} differs from head_dim {other}: use --format "
+                "query_pre_attn_scalar {value} differs from head_dim {other}: use `format` "
                 "omniquant-packed",
                 unless_equal_to="head_dim",
             ),
-            Refusal("attn_logit_softcapping", "llama.cpp's gemma3 has no attention logit soft-capping"),
+            Refusal(
+                "attn_logit_softcapping", "llama.cpp's gemma3 has no attention logit soft-capping"
+            ),
         ),
     ),
     native="its scaled embeddings, sandwich norms (around attention and the MLP) and soft caps "

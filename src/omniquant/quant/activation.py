@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from omniquant.config import ActQuant
+from omniquant.config import ActQuant, OmniQuantConfig
 from omniquant.models.architecture import Architecture, block_linears, get_module
 from omniquant.quant.primitives import fake_quantize_per_token
 
@@ -119,7 +119,8 @@ def attach_act_quantizers(
 
 
 def detach_act_quantizers(block: nn.Module) -> None:
-    """Remove the hooks that `attach_act_quantizers` put on the block."""
+    """Remove the hooks that `attach_act_quantizers` put on the block (a debugging tool: the
+    block with float activations again, to compare; no run needs it)."""
     for handle in getattr(block, HOOK_FLAG, []):
         handle.remove()
     if hasattr(block, HOOK_FLAG):
@@ -127,3 +128,16 @@ def detach_act_quantizers(block: nn.Module) -> None:
     for module in block.modules():
         if hasattr(module, QKV_FLAG):
             delattr(module, QKV_FLAG)
+
+
+def attach_act_quantizers_all(model: nn.Module, config: OmniQuantConfig) -> None:
+    """Attach the activation quantizers of a weight-activation config to every block."""
+    from omniquant.models import decoder_layers, get_architecture
+    from omniquant.transforms.let import head_dim_of
+
+    if not config.act.enabled:
+        return
+    arch = get_architecture(model)
+    head_dim = head_dim_of(model, arch)
+    for block in decoder_layers(model, arch):
+        attach_act_quantizers(block, config.act, arch, head_dim)

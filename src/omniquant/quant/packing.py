@@ -102,5 +102,6 @@ def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_columns(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The inverse of `pack_columns`."""
+    """The inverse of `pack_columns` (a checking tool: compressed-tensors' readers unpack the
+    columns themselves; tests read our layout back with it)."""
     return unpack_rows(packed.t(), bits, n).t().contiguous()

@@ -130,7 +130,9 @@ def fake_quantize(
     upper: torch.Tensor | float = 1.0,
     lower: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
-    """Quantize then dequantize a 2-D weight (out, in); differentiable via STE."""
+    """Quantize then dequantize a 2-D weight (out, in); differentiable via STE. The reference
+    formula in one call (a checking tool: runs go through `quant.lwc` and `quant.qparams`;
+    tests and `benchmarks/symmetric_grid.py` compare against it)."""
     wg = to_groups(w, group_size)  # (out, n_groups, g)
     p = minmax_params(wg, bits, symmetric, upper, lower)
     wq = dequantize_codes(quantize_codes(wg, p, bits, symmetric), p)

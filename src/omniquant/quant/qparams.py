@@ -35,7 +35,7 @@ class LinearQParams:
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int
-    group_size: int  # the effective group size: in_features for per-channel
+    group: int  # the width of a group: in_features for per-channel (never None)
     in_features: int
 
     @property
@@ -45,7 +45,7 @@ class LinearQParams:
     @property
     def ragged(self) -> bool:
         """Whether the last group of a row is shorter than the others."""
-        return self.in_features % self.group_size != 0
+        return self.in_features % self.group != 0
 
 
 def from_affine(p: AffineParams, spec: WeightQuant, in_features: int) -> LinearQParams:
@@ -61,7 +61,7 @@ def from_affine(p: AffineParams, spec: WeightQuant, in_features: int) -> LinearQ
         scale=p.scale.squeeze(-1).detach().float().cpu().contiguous(),
         zero=zero.detach().to(torch.uint8).cpu().contiguous(),
         bits=spec.bits,
-        group_size=effective_group_size(in_features, spec.group_size),
+        group=effective_group_size(in_features, spec.group_size),
         in_features=in_features,
     )
 
@@ -71,7 +71,7 @@ def weight_codes(weight: torch.Tensor, qp: LinearQParams) -> torch.Tensor:
 
     Raises ExportError when the weight is not on the grid (it was changed after quantization).
     """
-    wg = to_groups(weight.detach().float().cpu(), qp.group_size)  # (out, n_groups, g)
+    wg = to_groups(weight.detach().float().cpu(), qp.group)  # (out, n_groups, g)
     scale, zero = qp.scale.unsqueeze(-1), qp.zero.float().unsqueeze(-1)
     codes = (wg / scale + zero).round()
     if ((codes < 0) | (codes > 2**qp.bits - 1)).any():
@@ -87,7 +87,7 @@ def weight_codes(weight: torch.Tensor, qp: LinearQParams) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, qp: LinearQParams, dtype: torch.dtype) -> torch.Tensor:
     """(u - z) * h as a float weight (out, in)."""
-    cg = to_groups(codes.float(), qp.group_size)
+    cg = to_groups(codes.float(), qp.group)
     w = (cg - qp.zero.float().unsqueeze(-1)) * qp.scale.unsqueeze(-1)
     return from_groups(w, qp.in_features).to(dtype)
 
@@ -98,8 +98,8 @@ def expand_groups(t: torch.Tensor, qp: LinearQParams, to_group: int) -> torch.Te
     A ragged grid (576 = 4 x 128 + 64) is a uniform grid of g = 64 whose scales repeat: that is
     what lets a uniform-group kernel run it. `to_group` must divide both g and in_features.
     """
-    assert qp.group_size % to_group == 0 and qp.in_features % to_group == 0
-    reps = qp.group_size // to_group
+    assert qp.group % to_group == 0 and qp.in_features % to_group == 0
+    reps = qp.group // to_group
     full = t.repeat_interleave(reps, dim=1)
     return full[:, : qp.in_features // to_group]
 
@@ -155,7 +155,7 @@ def attach_grids(model: torch.nn.Module, folder: Path, spec: WeightQuant) -> int
                 scale=state[f"{name}.scales"],
                 zero=state[f"{name}.zeros"],
                 bits=spec.bits,
-                group_size=effective_group_size(linear.in_features, spec.group_size),
+                group=effective_group_size(linear.in_features, spec.group_size),
                 in_features=linear.in_features,
             ),
         )

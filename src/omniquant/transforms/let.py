@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from omniquant.config import OmniQuantConfig
+from omniquant.errors import ConfigError
 from omniquant.models.architecture import Architecture, NormKind, get_module
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,9 @@ def fold_site(
     arch: Architecture,
     shape: AttentionShape,
 ) -> None:
-    """Fold a scale (and shift) into the block's modules; the block computes the same function.
+    """Fold a scale (and shift) into the block's modules; the block computes the same function
+    (a checking tool: runs fold through `fold_parametrizations`; tests prove the identity of
+    each site with it).
 
     Shapes of s: "norm": (C,), "vo": (n_kv, head_dim), "qk": (n_kv, head_dim / 2).
     """
@@ -449,3 +453,25 @@ def attach_let(block: nn.Module, let: LetParams) -> None:
             _register(lin, "weight", LetFold(let, i, "dst"))
             if site.kind == "qk" and lin.bias is not None:
                 _register(lin, "bias", LetFold(let, i, "dst_bias"))
+
+
+def head_dim_of(model: nn.Module, arch: Architecture) -> int | None:
+    """Channels per attention head, where the architecture names its q/k/v projections."""
+    if len(arch.qkv) != 3:
+        return None
+    return attention_shape(model.config, arch).head_dim
+
+
+def let_plan_for(model: nn.Module, arch: Architecture, config: OmniQuantConfig) -> LetPlan | None:
+    """The LET plan of a run: identity start for weight-only runs, SmoothQuant α otherwise."""
+    if not config.calib.let:
+        return None
+    if not (arch.qkv or arch.mlp_in):
+        raise ConfigError(f"LET needs a registered architecture; {arch.name} is not registered")
+    calib = config.calib
+    alpha = calib.let_alpha
+    if alpha is None and calib.let_init == "reference":
+        alpha = 0.5  # the reference code's --alpha default, weight-only runs included
+    elif alpha is None and config.act.enabled:
+        alpha = 0.75 if config.act.bits <= 4 else 0.5
+    return plan_let(arch, model.config, alpha, config.act.enabled, calib.let_scale, calib.let_init)

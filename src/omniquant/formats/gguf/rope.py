@@ -83,7 +83,7 @@ def check_rope_scaling(hf: Any, spec: GgufSpec) -> str:
         if layer == "sliding_attention" and rope_kind(rope) != "default":
             raise ExportError(
                 f"llama.cpp does not scale RoPE in sliding-window layers; this model's use "
-                f"{rope_kind(rope)!r}: use --format omniquant-packed"
+                f"{rope_kind(rope)!r}: use `format` omniquant-packed"
             )
     rope = full_attention_rope(hf)
     kind = rope_kind(rope)
@@ -92,7 +92,7 @@ def check_rope_scaling(hf: Any, spec: GgufSpec) -> str:
     if kind not in spec.rope_scaling:
         raise ExportError(
             f"GGUF export writes RoPE scaling {_supported()}; this model's {kind!r} on llama.cpp's "
-            f"{spec.arch} is not one of them: use --format omniquant-packed"
+            f"{spec.arch} is not one of them: use `format` omniquant-packed"
         )
     if kind == "yarn":
         odd = {
@@ -104,7 +104,7 @@ def check_rope_scaling(hf: Any, spec: GgufSpec) -> str:
             raise ExportError(
                 f"GGUF export writes YaRN with llama.cpp's defaults (beta_fast 32, beta_slow 1, "
                 f"attention factor from the scale); this model sets {odd or {'truncate': False}}:"
-                " use --format omniquant-packed"
+                " use `format` omniquant-packed"
             )
     return kind
 

@@ -5,7 +5,7 @@ record in `omniquant.models` with a `GgufSpec`, found by the config's model_type
 Mistral, Qwen2, Qwen3, Phi-3, Gemma 3; `GGUF_ARCH`):
 
     <folder>/model.gguf      weights, architecture metadata, tokenizer, chat template
-    <folder>/omniquant.json  the run's report, `"format": {"name": "gguf", ...}`
+    <folder>/omniquant.json  the run's report, `"format": {"name": "gguf", ...}` (`runfile`)
 
 Every quantized linear is written from its learned grid, never re-quantized. Our grid stores, per
 row and group of g input channels, a scale h and an unsigned zero point z:  w = (u - z) * h,
@@ -33,7 +33,6 @@ error is reported); norms and biases as f32.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -47,6 +46,7 @@ from torch import nn
 
 from omniquant.config import OmniQuantConfig, WeightQuant
 from omniquant.errors import ConfigError, ExportError
+from omniquant.formats.base import WriteJob
 from omniquant.formats.gguf.rope import (
     add_rope_scaling,
     check_rope_scaling,
@@ -74,7 +74,7 @@ FP16_MAX = 65504.0
 FLOAT_TYPES = ("f16", "f32", "q8_0")
 APPROXIMATE_TYPES = ("q4_1", "q5_1", "q8_0")  # re-quantization targets, on request only
 APPROXIMATE_HINT = (
-    "; or ask for an approximate mapping with --gguf-approximate q4_1|q5_1|q8_0 (the fake-"
+    "; or ask for an approximate mapping with `gguf_approximate` q4_1|q5_1|q8_0 (the fake-"
     "quantized weights re-quantized per block of 32; its error is reported)"
 )
 
@@ -109,7 +109,7 @@ class GgufOptions:
                 )
         if self.approximate is not None and self.approximate not in APPROXIMATE_TYPES:
             raise ConfigError(
-                f"--gguf-approximate must be one of {', '.join(APPROXIMATE_TYPES)}, "
+                f"`gguf_approximate` must be one of {', '.join(APPROXIMATE_TYPES)}, "
                 f"got {self.approximate!r}"
             )
 
@@ -150,7 +150,7 @@ def gguf_weight_type(spec: WeightQuant) -> str:
         return EXACT_TYPES[key]
     raise ExportError(
         "GGUF holds 8-bit weights only on a symmetric grid (Q8_0: d * q, q in -128..127; an "
-        "asymmetric 8-bit grid's u - z spans -255..255): add --symmetric, or use --wbits 7 "
+        "asymmetric 8-bit grid's u - z spans -255..255): add `symmetric`, or use `weight.bits` 7 "
         "(exact in Q8_0)"
     )
 
@@ -180,7 +180,7 @@ def check_gguf_setting(config: OmniQuantConfig, options: GgufOptions | None = No
         raise ExportError(
             f"GGUF stores weights only; llama.cpp quantizes activations its own way, so "
             f"{config.label} (activations at {config.act.bits} bits) cannot be written exactly: "
-            f"use --abits 16, or --format omniquant-packed"
+            f"use `act.bits` 16, or `format` omniquant-packed"
         )
     if approximate:
         return
@@ -198,7 +198,7 @@ def check_gguf_setting(config: OmniQuantConfig, options: GgufOptions | None = No
     if g and g % BLOCK:
         raise ExportError(
             f"GGUF blocks hold {BLOCK} weights with one scale; group size {g} is not a multiple "
-            f"of {BLOCK}: use --group-size {_nearest_groups(g)} (or 0 for per-channel)"
+            f"of {BLOCK}: use `group_size` {_nearest_groups(g)} (or 0 for per-channel)"
             f"{APPROXIMATE_HINT}"
         )
 
@@ -212,13 +212,13 @@ def check_gguf_widths(
         if width % BLOCK:
             raise ExportError(
                 f"{name} has rows of {width} weights, not a multiple of {BLOCK}: no GGUF block "
-                f"type holds it; use --format omniquant-packed"
+                f"type holds it; use `format` omniquant-packed"
             )
         g = effective_group_size(width, group_size)
         if g % BLOCK and not approximate:
             raise ExportError(
                 f"{name}: groups of {g} weights are not whole {BLOCK}-weight GGUF blocks; use "
-                f"--group-size {_nearest_groups(g)}"
+                f"`group_size` {_nearest_groups(g)}"
             )
 
 
@@ -232,7 +232,7 @@ def gguf_family(hf: Any) -> Architecture:
         why = f" ({family.gguf})" if family is not None else ""
         raise ExportError(
             f"GGUF export covers the families both llama.cpp and transformers' GGUF loader read "
-            f"({families}); {model_type!r} is not one of them{why}: use --format omniquant-packed"
+            f"({families}); {model_type!r} is not one of them{why}: use `format` omniquant-packed"
         )
     check_rope_scaling(hf, family.gguf)
     for refusal in family.gguf.refusals:
@@ -654,18 +654,19 @@ def bits_per_weight(tensors: list[TensorOut]) -> float:
     return bits / max(weights, 1)
 
 
-def write_gguf_folder(
-    model: nn.Module,
-    tokenizer: Any,
-    config: OmniQuantConfig,
-    report: dict[str, Any],
-    folder: Path,
-    options: GgufOptions | None = None,
+def write_gguf_folder(job: WriteJob) -> dict[str, Any]:
+    """A folder with `model.gguf` (the caller renames it into place and writes the run record
+    with the returned "format" entry)."""
+    job.folder.mkdir(parents=True, exist_ok=True)
+    return write_gguf(job.model, job.tokenizer, job.config, job.folder / GGUF_FILE, job.gguf)
+
+
+def check_gguf(
+    config: OmniQuantConfig, widths: Mapping[str, int], options: GgufOptions | None
 ) -> None:
-    """A folder with `model.gguf` and `omniquant.json` (the caller renames it into place)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = write_gguf(model, tokenizer, config, folder / GGUF_FILE, options)
-    (folder / "omniquant.json").write_text(json.dumps({**report, "format": written}, indent=2))
+    check_gguf_setting(config, options)
+    approximate = options is not None and options.approximate is not None
+    check_gguf_widths(widths, config.weight.group_size, approximate)
 
 
 __all__ = [
