@@ -73,7 +73,9 @@ def test_compiled_generation_through_the_int4_kernels_matches_eager(
     from omniquant.config import CalibConfig, OmniQuantConfig, WeightQuant
     from omniquant.kernels.linear import QuantLinear
 
-    config = OmniQuantConfig(WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2, seqlen=64))
+    config = OmniQuantConfig(
+        WeightQuant(4, 32), calib=CalibConfig(method="rtn", nsamples=2, seqlen=64)
+    )
     omniquant.quantize(
         tiny_llama_folder, config, output=tmp_path / "q", format="omniquant-packed", progress=False
     )
