@@ -361,6 +361,17 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         "--quantize-lm-head", action="store_true", help="also round the lm_head (default off)"
     )
     p.add_argument(
+        "--keep-float",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="accept leaving the modules whose path matches PATTERN (fnmatch, e.g. "
+        "'model.layers.*.mlp.experts') in float. A run that would leave more than 1%% of the "
+        "weights outside embeddings, routers and the head in float (weights it cannot quantize "
+        "yet, such as fused MoE experts) is refused, naming them, unless they are named here; "
+        "repeat for several patterns",
+    )
+    p.add_argument(
         "--activation-dtype",
         choices=["float32", "bfloat16"],
         default=d.activation_dtype,
@@ -606,6 +617,7 @@ FIELD_FLAGS: dict[str, str] = {
     "act.qkv_point": "qkv_point",
     "calib.zero_point_ste": "zero_point_grad",
     "quantize_lm_head": "quantize_lm_head",
+    "keep_float": "keep_float",
     **{
         f"calib.{name}": name
         for name in (
@@ -648,6 +660,7 @@ API_ONLY_FIELDS = ("act.symmetric", "calib.max_nan_retries", "calib.lwc_init")
 FLAG_VALUES: dict[str, Any] = {
     "group_size": lambda v: v or None,  # 0 = per-channel = None
     "zero_point_grad": lambda v: v == "ste",
+    "keep_float": tuple,
 }
 # library names (settings and arguments) whose flag is not `--` + the name with dashes
 FLAG_OF: dict[str, str] = {
@@ -767,6 +780,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         f"peak RSS {gib(m['peak_rss_bytes'])}, peak device memory "
         f"{gib(m['peak_device_bytes'])}, activations spilled {gib(m['spilled_bytes'])}"
     )
+    print(r["coverage"]["summary"])
     if a.eval:
         model = a.output if a.stream else result.model  # streamed: the weights are on disk
         ppl = _eval(model, result.tokenizer if not a.stream else None, a)

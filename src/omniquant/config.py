@@ -213,8 +213,18 @@ class OmniQuantConfig:
     act: ActQuant = field(default_factory=ActQuant)
     calib: CalibConfig = field(default_factory=CalibConfig)
     quantize_lm_head: bool = False
+    # module paths (fnmatch patterns) the user accepts to leave in float: weights this run cannot
+    # quantize (`coverage`); without them a run leaving more than 1% in float is refused
+    keep_float: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.keep_float, str) or not all(
+            isinstance(p, str) and p for p in self.keep_float
+        ):
+            raise ConfigError(
+                f"`keep_float` takes a tuple of module path patterns, got {self.keep_float!r}"
+            )
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
         if self.calib.e2e_epochs and self.act.enabled:
             raise ConfigError(
                 f"the end-to-end stage (`e2e_epochs` {self.calib.e2e_epochs}) trains weight-only "
@@ -228,8 +238,13 @@ class OmniQuantConfig:
         return f"W{self.weight.bits}A{self.act.bits}{g}"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return asdict(self)
+        """Plain-JSON form (`keep_float` only when given, so older records read the same)."""
+        data = asdict(self)
+        if self.keep_float:
+            data["keep_float"] = list(self.keep_float)
+        else:
+            del data["keep_float"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OmniQuantConfig:
@@ -245,6 +260,8 @@ class OmniQuantConfig:
                 kwargs[key] = parts[key](**value)
             elif key == "quantize_lm_head":
                 kwargs[key] = bool(value)
+            elif key == "keep_float":
+                kwargs[key] = tuple(value)
             else:
                 raise ConfigError(f"unknown config key {key!r}")
         return cls(**kwargs)

@@ -73,7 +73,8 @@ def infer_architecture(model: nn.Module) -> Architecture:
     embeddings = tuple(name for name, m in model.named_modules() if isinstance(m, nn.Embedding))
     log.warning(
         "%s is not a registered architecture; quantizing the nn.Linear layers of the %d blocks "
-        "at %r (weight-only calibration works; LET needs a registered architecture)",
+        "at %r, weight-only (LET needs a registered architecture); what else the model holds "
+        "stays float, and a run leaving more than 1%% of its weights float is refused",
         cls,
         len(get_module(model, layers)),
         layers,

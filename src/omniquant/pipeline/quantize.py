@@ -120,7 +120,7 @@ def quantize(
     if stream:
         check_stream_settings(model, out, fmt, config)
     partial = prepare_output(out, resume)
-    shape, plan = check_model(model, config, fmt, gguf, stream, max_memory)
+    shape, plan, coverage = check_model(model, config, fmt, gguf, stream, max_memory)
     if out is not None:
         check_output_space(out, output_bytes(shape, config, fmt))
     text = load_text(config.calib.calib_dataset)
@@ -148,6 +148,7 @@ def quantize(
         if e2e is not None:
             report["end_to_end"] = e2e.to_dict()
         report["memory"] = memory_report(plan, budget, runtime, config)
+        report["coverage"] = coverage.to_dict()
         log.info("calibrated %d blocks in %.1f s", len(reports), seconds)
         # write
         if out is not None and partial is not None:

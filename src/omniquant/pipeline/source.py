@@ -18,10 +18,12 @@ from torch import nn
 from omniquant.activations import MemoryPlan
 from omniquant.checks import check_setting
 from omniquant.config import OmniQuantConfig
+from omniquant.coverage import Coverage, check_coverage, measure_coverage
 from omniquant.errors import ModelError
 from omniquant.formats.gguf.writer import GgufOptions
 from omniquant.memory import parameters_on_meta
 from omniquant.model_io import folder_quantization, load_config, load_model, one_line
+from omniquant.models import get_architecture
 from omniquant.pipeline.plan import memory_plan
 from omniquant.stream import SafetensorsWeights
 
@@ -89,20 +91,24 @@ def check_model(
     gguf: GgufOptions | None,
     stream: bool,
     max_memory: int | str | None,
-) -> tuple[nn.Module, MemoryPlan]:
-    """Every check that needs the model's shape, from its skeleton (or the given model): the
-    setting against its widths, the format against its family, the memory plan. Returns the
-    skeleton (or the model) and the plan."""
+) -> tuple[nn.Module, MemoryPlan, Coverage]:
+    """Every check that needs the model's shape, from its skeleton (or the given model): what
+    it would leave in float, the setting against its widths, the format against its family, the
+    memory plan. Returns the skeleton (or the model), the plan and the coverage."""
     name = model_name(model)
     if isinstance(model, nn.Module):
         shape, loaded = model, True
     else:
         check_float_source(model)
         shape, loaded = model_skeleton(model), False
+    arch = get_architecture(shape)
+    coverage = check_coverage(
+        measure_coverage(shape, arch, config.quantize_lm_head), config.keep_float
+    )
     check_setting(shape, config, fmt, gguf)
     plan = memory_plan(shape, config, stream, max_memory, loaded=loaded)
     plan.check(name)
-    return shape, plan
+    return shape, plan, coverage
 
 
 def open_source(
