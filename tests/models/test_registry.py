@@ -68,3 +68,29 @@ def test_unregistered_standard_shape_works_with_a_warning(caplog):
 def test_unsupported_architecture_error_names_the_class():
     with pytest.raises(ModelError, match="unsupported architecture NoBlocksLM"):
         get_architecture(NoBlocksLM())
+
+
+def test_errors_in_an_unregistered_familys_code_are_one_line():
+    import torch
+
+    from omniquant.errors import ModelError
+    from omniquant.models.registry import unregistered_model_errors
+    from tests.conftest import tiny_model
+
+    class Strange(torch.nn.Module):
+        pass
+
+    with (
+        pytest.raises(
+            ModelError,
+            match=r"Strange is not a registered architecture .*"
+            r"\(ValueError: expected 2, got 1; test_registry\.py:\d+ in ",
+        ),
+        unregistered_model_errors(Strange()),
+    ):
+        raise ValueError("expected 2, got 1")
+    # a registered family's error is a bug: its traceback stays
+    with pytest.raises(ValueError), unregistered_model_errors(tiny_model("llama")):
+        raise ValueError("a bug")
+    with pytest.raises(torch.OutOfMemoryError), unregistered_model_errors(Strange()):
+        raise torch.OutOfMemoryError("out of memory")  # not reworded

@@ -4,8 +4,13 @@ from a config alone by its `model_type` (`by_model_type`, `architecture_for_conf
 from __future__ import annotations
 
 import logging
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from omniquant.errors import ModelError
@@ -107,3 +112,44 @@ def decoder_layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise ModelError(f"{type(model).__name__}.{arch.layers} is not a ModuleList")
     return layers
+
+
+MODEL_CODE_ERRORS = (
+    RuntimeError,
+    ValueError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    KeyError,
+    AssertionError,
+    NotImplementedError,
+)
+
+
+def _where(error: BaseException) -> str:
+    """The innermost frame of the error's traceback: 'modeling_cpmant.py:390 in forward'."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{Path(last.filename).name}:{last.lineno} in {last.name}"
+
+
+@contextmanager
+def unregistered_model_errors(model: nn.Module) -> Iterator[None]:
+    """For a family with no record, an error inside its own code while omniquant calibrates it
+    (its blocks called with captured arguments, its outputs read) as one line naming the family,
+    the error and where it happened, instead of a traceback. Registered families pass errors
+    through unchanged (there, one is a bug to report)."""
+    if type(model).__name__ in REGISTRY:
+        yield
+        return
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except MODEL_CODE_ERRORS as e:
+        raise ModelError(
+            f"{type(model).__name__} is not a registered architecture and its own code failed "
+            f"under calibration ({type(e).__name__}: {e}; {_where(e)}): it is not supported yet"
+        ) from e

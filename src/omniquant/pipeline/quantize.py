@@ -33,6 +33,7 @@ from omniquant.formats import WriteJob, check_format_name, resolve_format, write
 from omniquant.formats.gguf.writer import GgufOptions, check_gguf_tokenizer
 from omniquant.models import decoder_layers, get_architecture, get_module
 from omniquant.models.architecture import Architecture
+from omniquant.models.registry import unregistered_model_errors
 from omniquant.pipeline.output import (
     OUTPUT_STAGE,
     after_failure,
@@ -139,9 +140,10 @@ def quantize(
     torch.manual_seed(config.calib.seed)
     t0 = time.perf_counter()
     try:
-        reports, e2e, writer = calibrate(
-            source, arch, config, batches, runtime, store, budget, partial
-        )
+        with unregistered_model_errors(source.model):  # one line, not a traceback
+            reports, e2e, writer = calibrate(
+                source, arch, config, batches, runtime, store, budget, partial
+            )
         seconds = time.perf_counter() - t0
         # report
         report = build_report(name, arch.name, config, runtime, reports, seconds)
