@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -71,26 +72,12 @@ def tiny_model(model_type: str, vocab: int) -> torch.nn.Module:
 
 
 def byte_tokenizer() -> Any:
-    """A byte-level BPE of 300 tokens (256 bytes, a few merges): small embeddings, so the sweep
-    spends its time in the blocks; any text tokenizes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The tests' byte-level BPE of 300 tokens: small embeddings, so the sweep spends its time in
+    the blocks; any text tokenizes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests
+    from tests.formats.test_gguf import byte_bpe_tokenizer
 
-    from omniquant.data import load_text
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([load_text("austen:emma")[:20000]], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>"
-    )
+    return byte_bpe_tokenizer()
 
 
 def run_family(model_type: str, tokenizer: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import torch
 
@@ -28,7 +29,10 @@ from omniquant.model_io import DEFAULT_MODEL, load_model
 from omniquant.report import combine_runs, eval_folder, save_eval
 
 
-def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> omniquant.PerplexityResult:
+def _eval(
+    model: object, tokenizer: object, a: argparse.Namespace, **options: Any
+) -> omniquant.PerplexityResult:
+    """The perplexity the `--eval-*` flags ask for (`options`: kernels, head, native)."""
     return omniquant.measure_perplexity(
         model,
         tokenizer=tokenizer,
@@ -38,6 +42,7 @@ def _eval(model: object, tokenizer: object, a: argparse.Namespace) -> omniquant.
         device=a.device,
         batch_size=a.eval_batch_size,
         progress=not a.quiet,
+        **options,
     )
 
 
@@ -106,18 +111,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _perplexity(a: argparse.Namespace) -> dict[str, object]:
-    ppl = omniquant.measure_perplexity(
-        a.model,
-        dataset=a.eval_dataset,
-        seqlen=a.eval_seqlen,
-        max_windows=a.eval_windows or None,
-        device=a.device,
-        batch_size=a.eval_batch_size,
-        progress=not a.quiet,
-        kernels=a.kernels,
-        head=a.head,
-        native=a.native,
-    )
+    ppl = _eval(a.model, None, a, kernels=a.kernels, head=a.head, native=a.native)
     result = {**ppl.to_dict(), "kernels": a.kernels, "native": a.native, "head": a.head}
     print(json.dumps({"model": a.model, **result}))
     return result
