@@ -57,22 +57,36 @@ def test_a_quantized_head_counts_as_quantized():
     assert "head" in measure_coverage(model, arch, quantize_lm_head=True).quantized
 
 
-@pytest.mark.parametrize(
-    "config_class, share", [("MixtralConfig", 8 / 9), ("Qwen3MoeConfig", 2 / 3)]
-)
-def test_fused_experts_left_float_are_refused_naming_the_modules(config_class, share):
+MAMBA = dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, time_step_rank=16)
+
+
+def mamba(vocab: int = 128, device: str = "meta") -> torch.nn.Module:
+    """A tiny Mamba: its mixers' A_log and depthwise convolution are weights that are not
+    nn.Linear (4.8% of this tiny model's weights; under 1% at real sizes)."""
+    with torch.device(device):
+        return t.AutoModelForCausalLM.from_config(t.MambaConfig(vocab_size=vocab, **MAMBA))
+
+
+@pytest.mark.parametrize("config_class", ["MixtralConfig", "Qwen3MoeConfig"])
+def test_fused_experts_count_as_quantized(config_class):
     model = moe_model(config_class)
+    coverage = check_coverage(measure_coverage(model, get_architecture(model)))
+    assert coverage.float_share == 0.0 and coverage.quantized["experts"] > 0
+    assert set(coverage.floating) == {"router", "head", "embeddings"}
+
+
+def test_weights_left_float_are_refused_naming_the_modules():
+    model = mamba()
     coverage = measure_coverage(model, get_architecture(model))
-    assert coverage.float_share == pytest.approx(share)
-    assert set(coverage.floating) == {"experts", "router", "head", "embeddings"}
+    assert coverage.float_share == pytest.approx(1 / 21)
     with pytest.raises(ConfigError) as refused:
         check_coverage(coverage)
     message = str(refused.value)
-    assert f"{100 * share:.1f}% of the weights outside router, head, embeddings" in message
-    assert "model.layers.0.mlp.experts (experts)" in message
-    assert "`keep_float` (e.g. 'model.layers.*.mlp.experts')" in message
-    kept = check_coverage(coverage, ("model.layers.*.mlp.experts",))
-    assert kept.kept == ("model.layers.0.mlp.experts", "model.layers.1.mlp.experts")
+    assert "4.8% of the weights outside router, head, embeddings" in message
+    assert "backbone.layers.0.mixer (attention)" in message
+    assert "`keep_float` (e.g. 'backbone.layers.*.mixer')" in message
+    kept = check_coverage(coverage, ("backbone.layers.*.mixer*",))
+    assert kept.kept[:2] == ("backbone.layers.0.mixer", "backbone.layers.0.mixer.conv1d")
     assert "kept float as asked" in kept.summary()
 
 
@@ -103,16 +117,15 @@ def test_kinds_by_path():
 
 
 def test_quantize_refuses_a_partial_run_before_loading(tmp_path, monkeypatch):
-    folder = tmp_path / "moe"
-    model = t.AutoModelForCausalLM.from_config(t.MixtralConfig(**MOE))
-    model.save_pretrained(folder)
+    folder = tmp_path / "mamba"
+    mamba(device="cpu").save_pretrained(folder)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
     monkeypatch.setattr(source, "load_model", refuse)
     config = OmniQuantConfig(WeightQuant(4, 16), calib=CalibConfig(epochs=1, nsamples=2, seqlen=32))
-    with pytest.raises(ConfigError, match=r"88\.9% of the weights"):
+    with pytest.raises(ConfigError, match=r"4\.8% of the weights"):
         omniquant.quantize(folder, config, output=tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists()
 
@@ -131,17 +144,17 @@ def test_the_run_reports_its_coverage(tiny_llama_folder, tmp_path, capsys):
 
 
 @needs_austen
-def test_keep_float_runs_a_moe_with_its_experts_float_and_says_so(tmp_path, tokenizer, capsys):
-    folder = tmp_path / "moe"
-    config = t.MixtralConfig(**{**MOE, "vocab_size": len(tokenizer)})
-    t.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+def test_keep_float_runs_with_the_named_modules_float_and_says_so(tmp_path, tokenizer, capsys):
+    folder = tmp_path / "mamba"
+    mamba(len(tokenizer), device="cpu").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     argv = ["quantize", "--model", folder, "--output", tmp_path / "q", "--group-size", "16"]
     argv += ["--epochs", "1", "--nsamples", "2", "--seqlen", "32", "--quiet"]
     assert cli.main([str(a) for a in argv]) == 2
-    assert "88.9% of the weights" in capsys.readouterr().err
-    assert cli.main([str(a) for a in [*argv, "--keep-float", "model.layers.*.mlp.experts"]]) == 0
-    assert "kept float as asked: model.layers.0.mlp.experts" in capsys.readouterr().out
+    assert "4.8% of the weights" in capsys.readouterr().err
+    assert cli.main([str(a) for a in [*argv, "--keep-float", "backbone.layers.*.mixer*"]]) == 0
+    assert "kept float as asked: backbone.layers.0.mixer" in capsys.readouterr().out
     coverage = json.loads((tmp_path / "q" / "omniquant.json").read_text())["coverage"]
-    assert coverage["float_share"] == pytest.approx(8 / 9)
-    assert coverage["kept_float"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert coverage["float_share"] == pytest.approx(1 / 21)
+    kept = coverage["kept_float"][:2]
+    assert kept == ["backbone.layers.0.mixer", "backbone.layers.0.mixer.conv1d"]

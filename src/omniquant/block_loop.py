@@ -41,6 +41,7 @@ from omniquant.guard import Guard, copy_into, fell_back_message, snapshot
 from omniquant.memory import map_large_allocations
 from omniquant.models.architecture import Architecture, block_linears
 from omniquant.quant.activation import attach_act_quantizers
+from omniquant.quant.experts import EXPERT_QPARAMS, Stacked, expert_weights, stacked_view
 from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import QPARAMS_ATTR, from_affine
 from omniquant.quant.recompute import recompute_weights
@@ -99,41 +100,78 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, weighting: str) -> torch
 # ---------------------------------------------------------------- quantizers on a block
 
 
+@dataclass(frozen=True)
+class WeightSite:
+    """One weight the block loop quantizes: a linear's `weight`, or a fused 3-D expert tensor
+    (quantized through `experts.Stacked`), with its shape as a matrix (rows, in)."""
+
+    module: nn.Module
+    attr: str
+    rows: int
+    in_features: int
+    stacked: bool = False
+    transposed: bool = False
+
+    def wrap(self, inner: nn.Module) -> nn.Module:
+        return Stacked(inner, self.transposed) if self.stacked else inner
+
+    def original(self) -> nn.Parameter:
+        """The float tensor under the site's parametrizations (or the parameter itself)."""
+        if parametrize.is_parametrized(self.module, self.attr):
+            return getattr(self.module.parametrizations, self.attr).original
+        return getattr(self.module, self.attr)
+
+    def matrix(self) -> torch.Tensor:
+        """The current float tensor as a (rows, in) matrix."""
+        w = self.original().detach()
+        return stacked_view(w, self.transposed) if self.stacked else w
+
+
+def weight_sites(block: nn.Module) -> dict[str, WeightSite]:
+    """Every weight of the block the loop quantizes, by name: its nn.Linears (by module path)
+    and its fused expert tensors ('<module path>.<attribute>')."""
+    sites = {
+        name: WeightSite(linear, "weight", linear.out_features, linear.in_features)
+        for name, linear in block_linears(block).items()
+    }
+    for name, e in expert_weights(block).items():
+        sites[name] = WeightSite(e.module, e.attr, e.rows, e.in_features, True, e.transposed)
+    return sites
+
+
 def attach_offsets(
     block: nn.Module, spec: WeightQuant, absolute: bool = False
 ) -> dict[str, StepOffset]:
-    """Register a trainable weight offset W + h ⊙ Δ on every linear of the block (weight
+    """Register a trainable weight offset W + h ⊙ Δ on every weight the block quantizes (weight
     training); after LET, before LWC, so h is the step of the weight that LWC starts from."""
     offsets: dict[str, StepOffset] = {}
-    for name, linear in block_linears(block).items():
-        offsets[name] = StepOffset(linear.weight.detach(), spec, absolute)
-        parametrize.register_parametrization(linear, "weight", offsets[name], unsafe=True)
+    for name, site in weight_sites(block).items():
+        offsets[name] = StepOffset(site.matrix(), spec, absolute)
+        parametrize.register_parametrization(
+            site.module, site.attr, site.wrap(offsets[name]), unsafe=True
+        )
     return offsets
 
 
 def attach_quantizers(block: nn.Module, spec: WeightQuant, cfg: CalibConfig) -> dict[str, LWC]:
-    """Register an LWC parametrization on every linear of the block; returns them by name.
+    """Register an LWC parametrization on every weight the block quantizes; returns them by name.
 
     Registered after any LET parametrization and weight offset, so LWC quantizes their result.
     """
     learnable = cfg.method == "omniquant" and cfg.lwc
     quantizers: dict[str, LWC] = {}
-    for name, linear in block_linears(block).items():
+    for name, site in weight_sites(block).items():
         q = LWC(
-            linear.out_features,
-            linear.in_features,
+            site.rows,
+            site.in_features,
             spec,
             learnable,
             cfg.lwc_init,
             zero_point_ste=cfg.zero_point_ste,
         )
-        q.to(
-            _original(block, name).device
-            if parametrize.is_parametrized(linear, "weight")
-            else linear.weight.device
-        )
-        parametrize.register_parametrization(linear, "weight", q, unsafe=True)
-        _original(block, name).requires_grad_(False)
+        q.to(site.original().device)
+        parametrize.register_parametrization(site.module, site.attr, site.wrap(q), unsafe=True)
+        site.original().requires_grad_(False)
         quantizers[name] = q
     return quantizers
 
@@ -149,8 +187,9 @@ def fold_parametrizations(block: nn.Module) -> None:
             chain = list(module.parametrizations[tensor_name])
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
             for p in chain:  # a cache of the old tensor (LWC's grouped weight) would keep it
-                if isinstance(p, LWC):
-                    p.clear_cache()
+                inner = p.inner if isinstance(p, Stacked) else p
+                if isinstance(inner, LWC):
+                    inner.clear_cache()
             value = getattr(module, tensor_name)
             if not torch.isfinite(value).all():
                 raise CalibrationError(f"non-finite {tensor_name} after folding {name}")
@@ -158,19 +197,26 @@ def fold_parametrizations(block: nn.Module) -> None:
 
 
 def record_qparams(block: nn.Module, bq: BlockQuant, spec: WeightQuant) -> None:
-    """Keep each folded linear's grid (scales, zero points) on it, for packed export."""
+    """Keep each folded weight's grid (scales, zero points) beside it, for packed export: on a
+    linear as QPARAMS_ATTR, on an experts module per attribute in EXPERT_QPARAMS."""
+    experts = expert_weights(block)
     for name, q in bq.lwc.items():
-        if q.last_params is not None:
-            linear = block.get_submodule(name)
+        if q.last_params is None:
+            continue
+        if name in experts:
+            e = experts[name]
+            grids = getattr(e.module, EXPERT_QPARAMS, {})
             try:
-                setattr(linear, QPARAMS_ATTR, from_affine(q.last_params, spec, linear.in_features))
-            except ExportError as e:
-                log.warning("%s: no packed export for this layer: %s", name, e)
-
-
-def _original(block: nn.Module, name: str) -> nn.Parameter:
-    """The float weight under a linear's parametrizations."""
-    return block.get_submodule(name).parametrizations.weight.original
+                grids[e.attr] = from_affine(q.last_params, spec, e.in_features)
+            except ExportError as err:
+                log.warning("%s: no grid kept for these experts: %s", name, err)
+            setattr(e.module, EXPERT_QPARAMS, grids)
+            continue
+        linear = block.get_submodule(name)
+        try:
+            setattr(linear, QPARAMS_ATTR, from_affine(q.last_params, spec, linear.in_features))
+        except ExportError as e:
+            log.warning("%s: no packed export for this layer: %s", name, e)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from omniquant.formats.gguf.writer import GgufOptions
 from omniquant.kernels.head import HEAD_DTYPES
 from omniquant.models import block_linears, decoder_layers, get_architecture
 from omniquant.paths import existing_ancestor
+from omniquant.quant.experts import check_no_fused_experts, expert_weights
 from omniquant.runfile import RUN_FILE
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,41 @@ def check_setting(
     longer than the model's context."""
     widths = linear_widths(model)
     check_group_size(widths, config)
+    check_experts(model, config, fmt)
     check_format_holds(fmt, config, widths, gguf)
     check_format_model(fmt, model.config)
     check_context(model.config, config.calib.seqlen)
+
+
+def check_experts(model: nn.Module, config: OmniQuantConfig, fmt: str) -> None:
+    """Refuse what fused mixture-of-experts weights cannot be given yet: a packed format,
+    quantized activations (their inputs would stay float), the end-to-end stage (it trains the
+    linears' step sizes only), a group wider than an expert's input."""
+    experts = {}
+    for block in decoder_layers(model, get_architecture(model)):
+        experts |= expert_weights(block)
+    if not experts:
+        return
+    first = next(iter(experts))
+    if fmt != "fake":
+        check_no_fused_experts(model, fmt)
+    if config.act.enabled:
+        raise ConfigError(
+            f"this model's fused experts ({first}, ...) are quantized weight-only so far; "
+            f"quantize weights only (`act.bits` 16)"
+        )
+    if config.calib.e2e_epochs:
+        raise ConfigError(
+            f"`e2e_epochs` trains the step sizes of linears; this model's fused experts ({first}, "
+            f"...) would be left out: drop it"
+        )
+    g = config.weight.group_size
+    narrow = min(e.in_features for e in experts.values())
+    if g and g > narrow:
+        raise ConfigError(
+            f"`group_size` {g} is larger than the experts' input width {narrow} ({first}); "
+            f"use a group size <= {narrow} or per-channel (`group_size` 0)"
+        )
 
 
 def model_context(model_config: Any) -> int | None:

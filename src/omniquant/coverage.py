@@ -30,6 +30,7 @@ from torch import nn
 
 from omniquant.errors import ConfigError
 from omniquant.models.architecture import Architecture, block_linears, get_module
+from omniquant.quant.experts import expert_weights
 
 KINDS = (
     "attention",
@@ -140,32 +141,34 @@ class Coverage:
         return line
 
 
-def quantized_paths(model: nn.Module, arch: Architecture, quantize_lm_head: bool) -> set[str]:
-    """The module paths whose `weight` a run quantizes: every nn.Linear inside the blocks (and
-    the head when asked)."""
+def quantized_tensors(
+    model: nn.Module, arch: Architecture, quantize_lm_head: bool
+) -> set[tuple[str, str]]:
+    """The (module path, attribute) of every tensor a run quantizes: the `weight` of each
+    nn.Linear inside the blocks, each fused 3-D expert tensor, and the head when asked."""
     blocks = get_module(model, arch.layers)
-    paths = {
-        f"{arch.layers}.{i}.{name}"
-        for i, block in enumerate(blocks)
-        for name in block_linears(block)
-    }
+    found = set()
+    for i, block in enumerate(blocks):
+        prefix = f"{arch.layers}.{i}."
+        found |= {(prefix + name, "weight") for name in block_linears(block)}
+        found |= {(prefix + n.rpartition(".")[0], e.attr) for n, e in expert_weights(block).items()}
     if quantize_lm_head:
-        paths.add(arch.lm_head)
-    return paths
+        found.add((arch.lm_head, "weight"))
+    return found
 
 
 def measure_coverage(
     model: nn.Module, arch: Architecture, quantize_lm_head: bool = False
 ) -> Coverage:
     """What the run will quantize and leave float, from the model's structure alone."""
-    quantized = quantized_paths(model, arch, quantize_lm_head)
+    quantized = quantized_tensors(model, arch, quantize_lm_head)
     modules = dict(model.named_modules())
     embeddings = set(arch.embeddings)
     q = dict.fromkeys(KINDS, 0)
     f = dict.fromkeys(KINDS, 0)
     float_modules: dict[str, tuple[str, int]] = {}
     for name, p in model.named_parameters():  # tied tensors once (the embedding's name)
-        if p.dim() < 2:
+        if p.dim() < 2 or "bias" in name.rpartition(".")[2]:  # stacked biases: [E, out]
             continue
         path, _, attr = name.rpartition(".")
         module = modules[path]
@@ -175,7 +178,7 @@ def measure_coverage(
             kind = "head"
         else:
             kind = weight_kind(path, module, arch)
-        if path in quantized and attr == "weight":
+        if (path, attr) in quantized:
             q[kind] += p.numel()
             continue
         f[kind] += p.numel()

@@ -94,3 +94,5 @@ def test_errors_in_an_unregistered_familys_code_are_one_line():
         raise ValueError("a bug")
     with pytest.raises(torch.OutOfMemoryError), unregistered_model_errors(Strange()):
         raise torch.OutOfMemoryError("out of memory")  # not reworded
+    with pytest.raises(ModelError, match=r"^ours$"), unregistered_model_errors(Strange()):
+        raise ModelError("ours")  # already one line: not wrapped again

@@ -348,10 +348,10 @@ def _add_quant_flags(p: argparse.ArgumentParser, method: bool = True) -> None:
         default=[],
         metavar="PATTERN",
         help="accept leaving the modules whose path matches PATTERN (fnmatch, e.g. "
-        "'model.layers.*.mlp.experts') in float. A run that would leave more than 1%% of the "
+        "'backbone.layers.*.mixer*') in float. A run that would leave more than 1%% of the "
         "weights outside embeddings, routers and the head in float (weights it cannot quantize "
-        "yet, such as fused MoE experts) is refused, naming them, unless they are named here; "
-        "repeat for several patterns",
+        "yet, such as a state-space mixer's parameters) is refused, naming them, unless they "
+        "are named here; repeat for several patterns",
     )
     p.add_argument(
         "--activation-dtype",

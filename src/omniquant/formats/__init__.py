@@ -25,6 +25,7 @@ from omniquant.formats import compressed_tensors, fake, gguf, packed
 from omniquant.formats.base import Format, LoadJob, WriteJob
 from omniquant.formats.compressed_tensors import check_compressed_tensors
 from omniquant.formats.gguf.writer import GgufOptions
+from omniquant.quant.experts import check_no_fused_experts
 from omniquant.runfile import write_run_record
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def write_format(fmt: str, job: WriteJob, after_write: Callable[[], None] | None
     """Write `job.model` in `fmt` into `job.folder`, then the run record: `job.report` and the
     format's own entry (its name and whatever it records of itself). `after_write` runs between
     the two (quantize measures its peak memory there)."""
+    if get_format(fmt).packed:
+        check_no_fused_experts(job.model, fmt)
     entry = get_format(fmt).write(job)
     if after_write is not None:
         after_write()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from omniquant.errors import ModelError
+from omniquant.errors import ModelError, OmniQuantError
 from omniquant.models.architecture import Architecture, block_linears, get_module
 from omniquant.models.gemma3 import GEMMA3
 from omniquant.models.llama import LLAMA, MISTRAL, QWEN2
@@ -146,8 +146,8 @@ def unregistered_model_errors(model: nn.Module) -> Iterator[None]:
         return
     try:
         yield
-    except torch.OutOfMemoryError:
-        raise
+    except (OmniQuantError, torch.OutOfMemoryError):
+        raise  # ours already speak in one line; memory is not the family's fault
     except MODEL_CODE_ERRORS as e:
         raise ModelError(
             f"{type(model).__name__} is not a registered architecture and its own code failed "
