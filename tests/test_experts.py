@@ -159,3 +159,16 @@ def test_experts_stored_input_first_are_grouped_along_their_input(tokenizer):
     experts = model.model.layers[0].mlp.experts
     qp = getattr(experts, EXPERT_QPARAMS)["gate_up_proj"]
     weight_codes(stacked_view(experts.gate_up_proj.detach(), True), qp)  # on the grid
+
+
+def test_the_tokens_each_expert_receives_are_counted_and_reported(tokenizer):
+    model = moe("MixtralConfig", len(tokenizer))
+    config = _config("rtn", nsamples=4, batch_size=2)
+    report = omniquant.quantize(model, config, tokenizer=tokenizer, progress=False).report
+    windows = config.calib.windows
+    for block in report["blocks"]:
+        tokens = block["expert_tokens"]
+        assert tokens["experts"] == 4 and tokens["min"] <= tokens["median"] <= tokens["max"]
+        assert tokens["routed"] == windows * config.calib.seqlen * 2  # every token to top-2
+    run = report["expert_tokens"]
+    assert run["max"] == max(b["expert_tokens"]["max"] for b in report["blocks"])

@@ -41,7 +41,14 @@ from omniquant.guard import Guard, copy_into, fell_back_message, snapshot
 from omniquant.memory import map_large_allocations
 from omniquant.models.architecture import Architecture, block_linears
 from omniquant.quant.activation import attach_act_quantizers
-from omniquant.quant.experts import EXPERT_QPARAMS, Stacked, expert_weights, stacked_view
+from omniquant.quant.experts import (
+    EXPERT_QPARAMS,
+    Stacked,
+    expert_token_counts,
+    expert_weights,
+    stacked_view,
+    token_summary,
+)
 from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import QPARAMS_ATTR, from_affine
 from omniquant.quant.recompute import recompute_weights
@@ -74,6 +81,8 @@ class BlockReport:
     fell_back: bool = False  # no epoch beat the start: the starting parameters were restored
     stopped_early: bool = False
     peak_rss_bytes: int = 0  # the process's peak RSS so far, when this block was done
+    # calibration tokens per expert of a MoE block (min/median/max; empty without experts)
+    expert_tokens: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -723,7 +732,8 @@ def calibrate_blocks(
                 if cfg.aug_loss and cfg.trains and saved is None:
                     aug = ActivationStore.of("aug", memory.dtype, memory.budget, chain_q)
                     run_block_over(block, aug, extra, runtime)
-                run_block_over(block, chain_fp, extra, runtime)  # now the targets F(W, X_fp)
+                with expert_token_counts(block) as routed:  # the model's own routing
+                    run_block_over(block, chain_fp, extra, runtime)  # the targets F(W, X_fp)
                 targets = chain_fp
                 bq = attach_block_quant(block, spec, cfg, let_plan, stats)
                 if act is not None and act.enabled:
@@ -750,6 +760,7 @@ def calibrate_blocks(
                     report.loss_before = report.loss_after
                 report.seconds = time.perf_counter() - t0
                 report.peak_rss_bytes = peak_rss_bytes()
+                report.expert_tokens = token_summary(routed)
                 store.save(i, params, report)
             if not math.isfinite(report.loss_after):
                 raise CalibrationError(f"block {i}: non-finite output after quantization")

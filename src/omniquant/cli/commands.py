@@ -80,6 +80,13 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         f"{gib(m['peak_device_bytes'])}, activations spilled {gib(m['spilled_bytes'])}"
     )
     print(r["coverage"]["summary"])
+    tokens = r.get("expert_tokens")
+    if tokens:
+        print(
+            f"calibration tokens per expert: min {tokens['min']}, median of the blocks' medians "
+            f"{tokens['median_of_blocks']}, max {tokens['max']}; experts that got none: "
+            f"{tokens['without_tokens']} (they keep their starting clipping)"
+        )
     if a.eval:
         model = a.output if a.stream else result.model  # streamed: the weights are on disk
         ppl = _eval(model, result.tokenizer if not a.stream else None, a)

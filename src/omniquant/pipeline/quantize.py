@@ -45,6 +45,7 @@ from omniquant.pipeline.output import (
 )
 from omniquant.pipeline.plan import memory_report
 from omniquant.pipeline.source import ModelArg, Source, check_model, model_name, open_source
+from omniquant.quant.experts import run_summary
 from omniquant.quant.lwc import LWC
 from omniquant.quant.qparams import GRIDS_FILE
 from omniquant.report import write_run_report
@@ -308,6 +309,7 @@ def build_report(
         "nan_events": sum(r.nan_events for r in reports),
         "val_windows": config.calib.val_windows,
         "fallbacks": [r.index for r in reports if r.fell_back],
+        "expert_tokens": run_summary([r.expert_tokens for r in reports]),
         "blocks": [r.to_dict() for r in reports],
         "versions": versions(),
         "command": " ".join(sys.argv),

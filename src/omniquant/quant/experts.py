@@ -16,7 +16,11 @@ them so far (the packed formats refuse such a model in one line, `check_no_fused
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,3 +108,69 @@ def check_no_fused_experts(model: nn.Module, fmt: str) -> None:
             f"`format` {fmt} cannot hold fused mixture-of-experts weights yet ({len(found)} "
             f"tensors, e.g. {first}): use the fake format (the default of quantize)"
         )
+
+
+def _routed_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The top-k expert indices an experts module is called with (its one integer tensor)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and not a.is_floating_point() and a.dtype != torch.bool:
+            return a
+    return None
+
+
+@contextmanager
+def expert_token_counts(block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, the tokens routed to each expert of each experts module of `block`
+    (module path -> counts [E]), read from the top-k indices the model's router hands its
+    experts module."""
+    counts: dict[str, torch.Tensor] = {}
+    modules: dict[str, tuple[nn.Module, int]] = {}
+    for name, e in expert_weights(block).items():
+        modules.setdefault(name.rpartition(".")[0], (e.module, e.experts))
+    handles = []
+    for path, (module, n) in modules.items():
+
+        def count(_: nn.Module, args: Any, kwargs: Any, path: str = path, n: int = n) -> None:
+            index = _routed_index(args, kwargs)
+            if index is not None:
+                ids = index.reshape(-1).long().cpu()
+                ids = ids[(ids >= 0) & (ids < n)]
+                counts[path] = counts.get(path, torch.zeros(n, dtype=torch.long)) + torch.bincount(
+                    ids, minlength=n
+                )
+
+        handles.append(module.register_forward_pre_hook(count, with_kwargs=True))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def token_summary(counts: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Min / median / max of the calibration tokens the block's experts received (empty without
+    experts): an expert with few tokens learns its clipping from few examples."""
+    every = [int(c) for counts_e in counts.values() for c in counts_e]
+    if not every:
+        return {}
+    return {
+        "experts": len(every),
+        "min": min(every),
+        "median": statistics.median(every),
+        "max": max(every),
+        "without_tokens": sum(c == 0 for c in every),
+        "routed": sum(every),  # tokens x top-k, summed over the block's experts modules
+    }
+
+
+def run_summary(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The blocks' expert token counts over the whole run (empty without experts)."""
+    rows = [b for b in blocks if b]
+    if not rows:
+        return {}
+    return {
+        "min": min(r["min"] for r in rows),
+        "median_of_blocks": statistics.median(r["median"] for r in rows),
+        "max": max(r["max"] for r in rows),
+        "without_tokens": sum(r["without_tokens"] for r in rows),
+    }
