@@ -53,28 +53,37 @@ def check_group_size(widths: dict[str, int], config: OmniQuantConfig) -> None:
 
 
 def check_setting(
-    model: nn.Module, config: OmniQuantConfig, fmt: str, gguf: GgufOptions | None = None
+    model: nn.Module,
+    config: OmniQuantConfig,
+    fmt: str,
+    gguf: GgufOptions | None = None,
+    stream: bool = False,
 ) -> None:
-    """Refuse a group size wider than a layer, what the output format cannot hold, and windows
-    longer than the model's context."""
+    """Refuse a group size wider than a layer, what fused experts cannot have yet, what the
+    output format cannot hold, and windows longer than the model's context."""
     widths = linear_widths(model)
     check_group_size(widths, config)
-    check_experts(model, config, fmt)
+    check_experts(model, config, fmt, stream)
     check_format_holds(fmt, config, widths, gguf)
     check_format_model(fmt, model.config)
     check_context(model.config, config.calib.seqlen)
 
 
-def check_experts(model: nn.Module, config: OmniQuantConfig, fmt: str) -> None:
+def check_experts(model: nn.Module, config: OmniQuantConfig, fmt: str, stream: bool) -> None:
     """Refuse what fused mixture-of-experts weights cannot be given yet: a packed format,
     quantized activations (their inputs would stay float), the end-to-end stage (it trains the
-    linears' step sizes only), a group wider than an expert's input."""
-    experts = {}
-    for block in decoder_layers(model, get_architecture(model)):
-        experts |= expert_weights(block)
+    linears' step sizes only), a group wider than an expert's input, and `stream` (transformers
+    converts their checkpoint tensors, per-expert `w1`/`w2`/`w3`, on load; reading the files
+    block by block does not)."""
+    experts = expert_weights(model)
     if not experts:
         return
     first = next(iter(experts))
+    if stream:
+        raise ConfigError(
+            f"`stream` reads the checkpoint's tensors as they are, and this model's fused "
+            f"experts ({first}, ...) are converted from them on load: drop `stream`"
+        )
     if fmt != "fake":
         check_no_fused_experts(model, fmt)
     if config.act.enabled:

@@ -19,14 +19,12 @@ from omniquant.activations import MemoryPlan
 from omniquant.checks import check_setting
 from omniquant.config import OmniQuantConfig
 from omniquant.coverage import Coverage, check_coverage, measure_coverage
-from omniquant.errors import ConfigError, ModelError
+from omniquant.errors import ModelError
 from omniquant.formats.gguf.writer import GgufOptions
 from omniquant.memory import parameters_on_meta
 from omniquant.model_io import folder_quantization, load_config, load_model, one_line
-from omniquant.models import decoder_layers, get_architecture
-from omniquant.models.architecture import Architecture
+from omniquant.models import get_architecture
 from omniquant.pipeline.plan import memory_plan
-from omniquant.quant.experts import expert_weights
 from omniquant.stream import SafetensorsWeights
 
 log = logging.getLogger(__name__)
@@ -86,19 +84,6 @@ def check_loaded_is_float(model: nn.Module, name: str) -> None:
         )
 
 
-def check_streamed_experts(shape: nn.Module, arch: Architecture) -> None:
-    """Refuse `stream` for fused experts: transformers 5 converts their checkpoint tensors
-    (per-expert `w1`/`w2`/`w3`) on load, which reading the files block by block does not."""
-    for block in decoder_layers(shape, arch):
-        found = expert_weights(block)
-        if found:
-            raise ConfigError(
-                f"`stream` reads the checkpoint's tensors as they are, and this model's fused "
-                f"experts ({next(iter(found))}, ...) are converted from them on load: drop "
-                f"`stream`"
-            )
-
-
 def check_model(
     model: ModelArg,
     config: OmniQuantConfig,
@@ -120,9 +105,7 @@ def check_model(
     coverage = check_coverage(
         measure_coverage(shape, arch, config.quantize_lm_head), config.keep_float
     )
-    check_setting(shape, config, fmt, gguf)
-    if stream:
-        check_streamed_experts(shape, arch)
+    check_setting(shape, config, fmt, gguf, stream)
     plan = memory_plan(shape, config, stream, max_memory, loaded=loaded)
     plan.check(name)
     return shape, plan, coverage
